@@ -1,0 +1,142 @@
+"""batch_norm() with torch.nn.functional.batch_norm's signature, plus fused residual add and ReLU."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+_ACTIVATIONS = (None, "relu")
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    *,
+    residual: Optional[Tensor] = None,
+    activation: Optional[str] = None,
+    num_batches_tracked: Optional[Tensor] = None,
+) -> Tensor:
+    """Batch Normalization as torch.nn.functional.batch_norm, fused with an optional epilogue.
+
+    Computes ``activation(batch_norm(input) + residual)`` in one pass over the output. Keyword-only extras:
+
+    * ``residual``: a tensor of the input's shape and dtype, added after the affine transform.
+    * ``activation``: ``None`` or ``"relu"``.
+    * ``num_batches_tracked``: an int64 tensor of one element, incremented in place when training with
+      running statistics; with ``momentum=None`` the running statistics then take the cumulative average
+      (factor ``1 / num_batches_tracked``), read on the device with no host synchronisation.
+    """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}, but got {activation!r}")
+    relu = activation == "relu"
+    if training:
+        return _TrainingBatchNorm.apply(input, weight, bias, residual, running_mean, running_var,
+                                        num_batches_tracked, momentum, eps, relu)
+    if running_mean is None:
+        raise RuntimeError("running_mean must be defined in evaluation mode")
+    if running_var is None:
+        raise RuntimeError("running_var must be defined in evaluation mode")
+    return _EvalBatchNorm.apply(input, weight, bias, residual, running_mean, running_var, eps, relu)
+
+
+def _grad_mask(ctx, weight, bias, relu):
+    """Which of (input, weight, bias, residual) gradients the backward op must compute."""
+    needs = ctx.needs_input_grad
+    # Without ReLU the residual's gradient is grad_output itself: no kernel work.
+    return [needs[0], needs[1] and weight is not None, needs[2] and bias is not None, needs[3] and relu]
+
+
+def _gradients(ctx, grad_output, input, weight, bias, residual, mean, invstd, training, relu):
+    """(grad_input, grad_weight, grad_bias, grad_residual), None where not needed."""
+    needs = ctx.needs_input_grad
+    if torch.is_grad_enabled():
+        # create_graph=True: a composite of torch ops that autograd can differentiate again.
+        return _composite_gradients(needs, grad_output, input, weight, bias, residual, mean, invstd, training,
+                                    relu, ctx.eps)
+    mask = _grad_mask(ctx, weight, bias, relu)
+    grads = ops.backward(grad_output, input, weight, bias, residual, mean, invstd, training, relu, mask)
+    grads = [g if wanted else None for g, wanted in zip(grads, mask)]
+    if needs[3] and not relu:
+        grads[3] = grad_output
+    return grads
+
+
+def _reference_forward(input, weight, bias, residual, mean, invstd, relu, eps):
+    """BN forward in torch ops; batch statistics when mean/invstd are None (training)."""
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    x = input.to(ops.acc_dtype(input))
+    if mean is None:
+        dims = [0] + list(range(2, input.dim()))
+        var, mean = torch.var_mean(x, dims, correction=0)
+        invstd = torch.rsqrt(var + eps)
+    y = (x - mean.view(shape)) * invstd.view(shape)
+    if weight is not None:
+        y = y * weight.to(y.dtype).view(shape)
+    if bias is not None:
+        y = y + bias.to(y.dtype).view(shape)
+    if residual is not None:
+        y = y + residual.to(y.dtype)
+    if relu:
+        y = torch.relu(y)
+    return y.to(input.dtype)
+
+
+def _composite_gradients(needs, grad_output, input, weight, bias, residual, mean, invstd, training, relu, eps):
+    """Gradients by autograd through _reference_forward; residual is None here unless relu is set."""
+    inputs = (input, weight, bias, residual)
+    wanted = [t for t, n in zip(inputs, needs) if n and t is not None]
+    with torch.enable_grad():
+        stats = (None, None) if training else (mean.detach(), invstd.detach())
+        output = _reference_forward(input, weight, bias, residual, *stats, relu, eps)
+        found = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True, allow_unused=True))
+    grads = [next(found) if n and t is not None else None for t, n in zip(inputs, needs)]
+    if needs[3] and not relu:
+        grads[3] = grad_output
+    return grads
+
+
+class _TrainingBatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum,
+                eps, relu):
+        output, mean, invstd = ops.forward_train(input, weight, bias, residual, running_mean, running_var,
+                                                 num_batches_tracked, momentum, eps, relu)
+        # The residual is needed only to recompute the ReLU mask.
+        ctx.save_for_backward(input, weight, bias, residual if relu else None, mean, invstd)
+        ctx.relu, ctx.eps = relu, eps
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, bias, residual, mean, invstd = ctx.saved_tensors
+        grads = _gradients(ctx, grad_output, input, weight, bias, residual, mean, invstd, True, ctx.relu)
+        return (*grads, None, None, None, None, None, None)
+
+
+class _EvalBatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, residual, running_mean, running_var, eps, relu):
+        output = ops.forward_eval(input, weight, bias, residual, running_mean, running_var, eps, relu)
+        mean = invstd = None
+        if any(ctx.needs_input_grad):
+            # Saved as values, not as the buffers, so a later in-place update of the running statistics
+            # cannot invalidate this graph.
+            acc = ops.acc_dtype(input)
+            mean = running_mean.to(acc, copy=True)
+            invstd = torch.rsqrt(running_var.to(acc) + eps)
+        ctx.save_for_backward(input, weight, bias, residual if relu else None, mean, invstd)
+        ctx.relu, ctx.eps = relu, eps
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, bias, residual, mean, invstd = ctx.saved_tensors
+        grads = _gradients(ctx, grad_output, input, weight, bias, residual, mean, invstd, False, ctx.relu)
+        return (*grads, None, None, None, None)
