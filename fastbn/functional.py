@@ -37,13 +37,13 @@ def batch_norm(
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, but got {activation!r}")
     relu = activation == "relu"
     if training:
-        return _TrainingBatchNorm.apply(input, weight, bias, residual, running_mean, running_var,
-                                        num_batches_tracked, momentum, eps, relu)
+        return ops.forward_train(input, weight, bias, residual, running_mean, running_var, num_batches_tracked,
+                                 momentum, eps, relu)[0]
     if running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
     if running_var is None:
         raise RuntimeError("running_var must be defined in evaluation mode")
-    return _EvalBatchNorm.apply(input, weight, bias, residual, running_mean, running_var, eps, relu)
+    return ops.forward_eval(input, weight, bias, residual, running_mean, running_var, eps, relu)
 
 
 def _grad_mask(ctx, weight, bias, relu):
@@ -102,41 +102,66 @@ def _composite_gradients(needs, grad_output, input, weight, bias, residual, mean
     return grads
 
 
+# One forward-context setup and one backward per op, used by the autograd.Function classes below. Those
+# classes are also registered as the ops' Autograd kernels, so torch.ops.fastbn.forward_train/forward_eval
+# are differentiable when called directly, and batch_norm() simply calls the ops.
+
+def _setup_train(ctx, inputs, output):
+    input, weight, bias, residual, _, _, _, _, eps, relu = inputs
+    _, mean, invstd = output
+    # The residual is needed only to recompute the ReLU mask.
+    ctx.save_for_backward(input, weight, bias, residual if relu else None, mean, invstd)
+    ctx.relu, ctx.eps = relu, eps
+
+
+def _backward_train(ctx, grad_output, *_stats_grads):
+    input, weight, bias, residual, mean, invstd = ctx.saved_tensors
+    grads = _gradients(ctx, grad_output, input, weight, bias, residual, mean, invstd, True, ctx.relu)
+    return (*grads, None, None, None, None, None, None)
+
+
+def _setup_eval(ctx, inputs, output):
+    input, weight, bias, residual, running_mean, running_var, eps, relu = inputs
+    mean = invstd = None
+    if any(ctx.needs_input_grad[:4]):
+        # Saved as values, not as the buffers, so a later in-place update of the running statistics
+        # cannot invalidate this graph.
+        acc = ops.acc_dtype(input)
+        mean = running_mean.detach().to(acc, copy=True)
+        invstd = torch.rsqrt(running_var.detach().to(acc) + eps)
+    ctx.save_for_backward(input, weight, bias, residual if relu else None, mean, invstd)
+    ctx.relu, ctx.eps = relu, eps
+
+
+def _backward_eval(ctx, grad_output):
+    input, weight, bias, residual, mean, invstd = ctx.saved_tensors
+    grads = _gradients(ctx, grad_output, input, weight, bias, residual, mean, invstd, False, ctx.relu)
+    return (*grads, None, None, None, None)
+
+
 class _TrainingBatchNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum,
-                eps, relu):
-        output, mean, invstd = ops.forward_train(input, weight, bias, residual, running_mean, running_var,
-                                                 num_batches_tracked, momentum, eps, relu)
-        # The residual is needed only to recompute the ReLU mask.
-        ctx.save_for_backward(input, weight, bias, residual if relu else None, mean, invstd)
-        ctx.relu, ctx.eps = relu, eps
+    def forward(ctx, *inputs):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = ops.forward_train(*inputs)
+        _setup_train(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1], output[2])
         return output
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        input, weight, bias, residual, mean, invstd = ctx.saved_tensors
-        grads = _gradients(ctx, grad_output, input, weight, bias, residual, mean, invstd, True, ctx.relu)
-        return (*grads, None, None, None, None, None, None)
+    backward = staticmethod(_backward_train)
 
 
 class _EvalBatchNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, weight, bias, residual, running_mean, running_var, eps, relu):
-        output = ops.forward_eval(input, weight, bias, residual, running_mean, running_var, eps, relu)
-        mean = invstd = None
-        if any(ctx.needs_input_grad):
-            # Saved as values, not as the buffers, so a later in-place update of the running statistics
-            # cannot invalidate this graph.
-            acc = ops.acc_dtype(input)
-            mean = running_mean.to(acc, copy=True)
-            invstd = torch.rsqrt(running_var.to(acc) + eps)
-        ctx.save_for_backward(input, weight, bias, residual if relu else None, mean, invstd)
-        ctx.relu, ctx.eps = relu, eps
+    def forward(ctx, *inputs):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = ops.forward_eval(*inputs)
+        _setup_eval(ctx, inputs, output)
         return output
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        input, weight, bias, residual, mean, invstd = ctx.saved_tensors
-        grads = _gradients(ctx, grad_output, input, weight, bias, residual, mean, invstd, False, ctx.relu)
-        return (*grads, None, None, None, None)
+    backward = staticmethod(_backward_eval)
+
+
+_autograd_kernels = torch.library.Library("fastbn", "IMPL")
+_autograd_kernels.impl("forward_train", _TrainingBatchNorm.apply, "Autograd")
+_autograd_kernels.impl("forward_eval", _EvalBatchNorm.apply, "Autograd")

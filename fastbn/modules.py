@@ -129,9 +129,14 @@ def _already_target(module: nn.Module, to: str) -> bool:
 
 
 def _retype(module: nn.Module, cls: type) -> nn.Module:
-    """A `cls` instance with `module`'s state: the same Parameter and buffer objects, hooks and flags."""
+    """A `cls` instance with `module`'s state: the same Parameter and buffer objects, hooks and flags.
+
+    The containers of parameters, buffers and children are copied so the two modules can diverge; hook
+    dicts are shared so handles taken on the old module still remove their hooks.
+    """
     new = cls.__new__(cls)
-    new.__dict__.update(
-        {key: value.copy() if isinstance(value, (dict, set)) else value for key, value in module.__dict__.items()}
-    )
+    new.__dict__.update(module.__dict__)
+    for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+        if key in module.__dict__:
+            new.__dict__[key] = module.__dict__[key].copy()
     return new
