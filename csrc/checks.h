@@ -1,4 +1,4 @@
-// Argument checks shared by every device (defined in ops.cpp), with messages in torch's wording.
+// Argument checks shared by every device (defined in checks.cpp), with messages in torch's wording.
 // They run before an implementation touches any state, so a bad call leaves running statistics and
 // num_batches_tracked as they were.
 #pragma once
@@ -34,7 +34,8 @@ c10::ScalarType param_dtype(const at::Tensor& input, std::initializer_list<const
 }  // namespace fastbn
 
 // Registers a device's implementations (namespace NS, declared with FASTBN_DECLARE_OPS) behind the
-// shared checks. Used once per device: ops.cpp for CPU, cuda/register.cu for CUDA.
+// shared checks. Used once per device: ops.cpp for CPU, cuda/register.cu for CUDA (and the emulated CUDA
+// build of the tests, which registers the same implementations under the library fastbn_simt).
 #define FASTBN_REGISTER_OPS(LIB, NS)                                                                        \
   do {                                                                                                      \
     using at::Tensor;                                                                                       \
