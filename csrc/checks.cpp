@@ -126,7 +126,7 @@ void check_forward_train(const Tensor& input, const OptTensor& weight, const Opt
   check_residual(input, residual);
   const bool has_mean = running_mean.has_value() && running_mean->defined();
   const bool has_var = running_var.has_value() && running_var->defined();
-  TORCH_CHECK(has_mean == has_var, "batch_norm: running_mean and running_var must be given together");
+  TORCH_CHECK_VALUE(has_mean == has_var, "running_mean and running_var must either both be None or neither be None");
   const bool has_count = num_batches_tracked.has_value() && num_batches_tracked->defined();
   if (has_count) {
     check_same_device(input, *num_batches_tracked);

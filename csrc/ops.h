@@ -36,7 +36,7 @@
                           const at::Tensor& running_mean, const at::Tensor& running_var, double eps,     \
                           bool relu);                                                                    \
   /* Backward. training=false treats mean/invstd as constants (eval). output_mask selects                \
-     (grad_input, grad_weight, grad_bias, grad_residual); unselected outputs are empty tensors. */       \
+     (grad_input, grad_weight, grad_bias, grad_residual); unselected ones: empty, input dtype. */       \
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(                                   \
       const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,   \
       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,                  \

@@ -30,13 +30,16 @@ def batch_norm(
     * ``residual``: a tensor of the input's shape and dtype, added after the affine transform.
     * ``activation``: ``None`` or ``"relu"``.
     * ``num_batches_tracked``: an int64 tensor of one element, incremented in place when training with
-      running statistics; with ``momentum=None`` the running statistics then take the cumulative average
+      running statistics (left alone without them); with ``momentum=None`` the running statistics then take the cumulative average
       (factor ``1 / num_batches_tracked``), read on the device with no host synchronisation.
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, but got {activation!r}")
     relu = activation == "relu"
     if training:
+        # The counter counts updates of the running statistics, as torch's modules do.
+        if running_mean is None:
+            num_batches_tracked = None
         return ops.forward_train(input, weight, bias, residual, running_mean, running_var, num_batches_tracked,
                                  momentum, eps, relu)[0]
     if running_mean is None:

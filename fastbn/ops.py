@@ -96,7 +96,7 @@ def _(grad_output, input, weight, bias, residual, mean, invstd, training, relu, 
         return torch.empty_like(input) if wanted else input.new_empty((0,))
 
     def grad_param(wanted):
-        return input.new_empty((channels,) if wanted else (0,), dtype=param_dtype)
+        return input.new_empty((channels,), dtype=param_dtype) if wanted else input.new_empty((0,))
 
     return (grad_like_input(output_mask[0]), grad_param(output_mask[1]), grad_param(output_mask[2]),
             grad_like_input(output_mask[3]))

@@ -1,0 +1,106 @@
+"""torch.library.opcheck on every torch.ops.fastbn op: schema (including the mutated running statistics
+and counter of forward_train), fake-tensor implementations (shapes, dtypes, strides) and AOT dispatch.
+
+Autograd lives in fastbn.functional's autograd.Function, so the inputs here do not require grad and the
+autograd-registration check is left out (test_autograd_registration is not meaningful for it)."""
+import pytest
+import torch
+
+import fastbn  # noqa: F401  (registers torch.ops.fastbn)
+from conftest import make_input, make_like, make_params
+
+ops = torch.ops.fastbn
+TEST_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+
+# (input dtype, parameter dtype, memory format)
+LAYOUTS = {
+    "f32-contiguous": (torch.float32, torch.float32, "contiguous"),
+    "f32-channels_last": (torch.float32, torch.float32, "channels_last"),
+    "f64-sliced": (torch.float64, torch.float64, "sliced"),
+    "bf16-f32params-channels_last": (torch.bfloat16, torch.float32, "channels_last"),
+    "f16-contiguous": (torch.float16, torch.float16, "contiguous"),
+}
+SHAPE = (3, 5, 4, 3)
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tensors(layout, affine=True, residual=True):
+    dtype, param_dtype, fmt = LAYOUTS[layout]
+    x = make_input(SHAPE, dtype, fmt)
+    weight, bias, running_mean, running_var = make_params(SHAPE[1], param_dtype, affine)
+    r = make_like(x) if residual else None
+    dims = [0, 2, 3]
+    var, mean = torch.var_mean(x.to(_acc(dtype)), dims, correction=0)
+    invstd = torch.rsqrt(var + 1e-5)
+    return x, weight, bias, r, running_mean, running_var, mean, invstd
+
+
+def _opcheck(op, args):
+    result = torch.library.opcheck(op, args, test_utils=TEST_UTILS)
+    failures = {k: v for k, v in result.items() if v != "SUCCESS"}
+    assert not failures, failures
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["m0.1", "cumulative"])
+@pytest.mark.parametrize("relu,affine,residual", [(False, True, False), (True, True, True), (False, False, True)],
+                         ids=["bn", "add-relu", "noaffine-add"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_forward_train(layout, relu, affine, residual, momentum):
+    x, weight, bias, r, running_mean, running_var, _, _ = _tensors(layout, affine, residual)
+    count = torch.tensor(4, dtype=torch.long)
+    _opcheck(ops.forward_train.default, (x, weight, bias, r, running_mean, running_var, count, momentum, 1e-5, relu))
+
+
+@pytest.mark.parametrize("layout", ["f32-contiguous", "bf16-f32params-channels_last"])
+def test_forward_train_without_running_stats(layout):
+    x, weight, bias, *_ = _tensors(layout)
+    _opcheck(ops.forward_train.default, (x, weight, bias, None, None, None, None, 0.1, 1e-5, False))
+
+
+@pytest.mark.parametrize("relu,residual", [(False, False), (True, True)], ids=["bn", "add-relu"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_forward_eval(layout, relu, residual):
+    x, weight, bias, r, running_mean, running_var, _, _ = _tensors(layout, residual=residual)
+    _opcheck(ops.forward_eval.default, (x, weight, bias, r, running_mean, running_var, 1e-5, relu))
+
+
+MASKS = {
+    "all": [True, True, True, True],
+    "input-only": [True, False, False, False],
+    "params-only": [False, True, True, False],
+}
+
+
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_backward(layout, training, mask):
+    x, weight, bias, r, _, _, mean, invstd = _tensors(layout)
+    dy = make_like(x)
+    _opcheck(ops.backward.default, (dy, x, weight, bias, r, mean, invstd, training, True, MASKS[mask]))
+
+
+def test_backward_without_affine():
+    x, _, _, _, _, _, mean, invstd = _tensors("f32-contiguous", affine=False)
+    dy = make_like(x)
+    _opcheck(ops.backward.default, (dy, x, None, None, None, mean, invstd, True, False, [True, False, False, False]))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_local_stats(layout):
+    x, *_ = _tensors(layout)
+    _opcheck(ops.local_stats.default, (x,))
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "add-relu"])
+@pytest.mark.parametrize("layout", ["f32-channels_last", "f64-sliced", "bf16-f32params-channels_last"])
+def test_sync_pieces(layout, relu):
+    x, weight, bias, r, _, _, mean, invstd = _tensors(layout, residual=relu)
+    dy = make_like(x)
+    _opcheck(ops.normalize.default, (x, mean, invstd, weight, bias, r, relu))
+    _opcheck(ops.backward_reduce.default, (dy, x, mean, invstd, weight, bias, r, relu))
+    mean_dy, mean_dy_xhat = torch.randn_like(mean), torch.randn_like(mean)
+    _opcheck(ops.backward_elementwise.default, (dy, x, mean, invstd, weight, bias, r, mean_dy, mean_dy_xhat, relu))
