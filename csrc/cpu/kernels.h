@@ -1,0 +1,110 @@
+// The CPU kernels' arguments and entry points. ops.cpp computes per-channel coefficients (plain loops over C,
+// acc_t) and hands them here; the kernels only stream the big tensors.
+//
+// The vectorised kernels (kernels_impl.h) are compiled once per CPU capability (cpu_kernels_default.cpp,
+// cpu_kernels_avx2.cpp, cpu_kernels_avx512.cpp: the build passes no -m flags, so a target pragma per file is how the
+// AVX paths get built) and vector_kernels<scalar_t>() picks a table at run time, as ATen's DispatchStub does and with
+// the same answer (ATEN_CPU_CAPABILITY is honoured). The strided path (cpu_strided.cpp) is scalar and built once.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+
+#include "layout.h"
+
+namespace fastbn {
+namespace cpu {
+
+// Per-channel statistics: mean and m2 = sum of squared deviations, over geom.per_channel() values.
+template <typename scalar_t>
+struct StatsArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  Geometry geom;
+  const at::Tensor* x;
+  acc_t* mean;  // C
+  acc_t* m2;    // C
+};
+
+// y = relu?(pre_activation(x - mean, scale, shift) [+ residual]), per channel coefficients of C acc_t values.
+template <typename scalar_t>
+struct NormalizeArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  Geometry geom;
+  const at::Tensor* x;
+  const at::Tensor* residual;  // nullable
+  const at::Tensor* y;         // allocated like x
+  const acc_t* mean;
+  const acc_t* scale;
+  const acc_t* shift;
+  bool relu;
+};
+
+// g = dy, zeroed where relu and the recomputed pre-activation is not > 0.
+// sum_g[c] = Σ g, sum_gxmu[c] = Σ g·(x - mean).
+template <typename scalar_t>
+struct ReduceArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  Geometry geom;
+  const at::Tensor* dy;
+  const at::Tensor* x;
+  const at::Tensor* residual;  // nullable; read only for the ReLU mask
+  const acc_t* mean;
+  const acc_t* scale;
+  const acc_t* shift;
+  bool relu;
+  acc_t* sum_g;
+  acc_t* sum_gxmu;
+};
+
+// dx = g·k + (x - mean)·p + q, and/or g itself (the residual's gradient when relu masks it).
+template <typename scalar_t>
+struct ElementwiseArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  Geometry geom;
+  const at::Tensor* dy;
+  const at::Tensor* x;
+  const at::Tensor* residual;  // nullable
+  const acc_t* mean;
+  const acc_t* scale;
+  const acc_t* shift;
+  bool relu;
+  const acc_t* k;
+  const acc_t* p;  // ignored (and x not read) when !use_x
+  const acc_t* q;
+  bool use_x;              // false: eval without relu, dx = dy·k needs no x
+  const at::Tensor* dx;    // nullable
+  const at::Tensor* g_out; // nullable
+};
+
+template <typename scalar_t>
+struct Kernels {
+  void (*stats)(const StatsArgs<scalar_t>&);
+  void (*normalize)(const NormalizeArgs<scalar_t>&);
+  void (*backward_reduce)(const ReduceArgs<scalar_t>&);
+  void (*backward_elementwise)(const ElementwiseArgs<scalar_t>&);
+};
+
+#define FASTBN_DECLARE_CPU_KERNELS(CAP)                  \
+  namespace CAP {                                        \
+  template <typename scalar_t>                           \
+  Kernels<scalar_t> make_kernels();                      \
+  }
+FASTBN_DECLARE_CPU_KERNELS(dflt)
+FASTBN_DECLARE_CPU_KERNELS(avx2)
+FASTBN_DECLARE_CPU_KERNELS(avx512)
+FASTBN_DECLARE_CPU_KERNELS(strided)
+#undef FASTBN_DECLARE_CPU_KERNELS
+
+// The vectorised table for this CPU (planes/rows layouts), and the strided table.
+template <typename scalar_t>
+const Kernels<scalar_t>& vector_kernels();
+template <typename scalar_t>
+const Kernels<scalar_t>& strided_kernels();
+
+template <typename scalar_t>
+const Kernels<scalar_t>& kernels_for(const Geometry& g) {
+  return g.layout == Layout::kStrided ? strided_kernels<scalar_t>() : vector_kernels<scalar_t>();
+}
+
+}  // namespace cpu
+}  // namespace fastbn

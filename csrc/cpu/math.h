@@ -1,0 +1,50 @@
+// Element arithmetic shared by every path, written once for scalars and at::vec vectors alike, so the forward,
+// the backward's recomputed ReLU mask and the strided path round identically (fp_contract.h keeps the compiler
+// from fusing the multiply-add in some places and not in others).
+#pragma once
+
+#include <cstdint>
+
+namespace fastbn {
+namespace cpu {
+// Internal linkage on purpose: each cpu_kernels_<capability>.cpp includes this after its target pragma, and
+// GCC inlines vector code only into functions compiled for the same target. Copies per translation unit
+// also keep the linker from merging an AVX build of a helper into the baseline code that uses it.
+namespace {
+
+// The mean is subtracted before scaling (ops.h): data with a large mean keeps its precision.
+template <typename T>
+inline T pre_activation(T x_minus_mean, T scale, T shift) {
+  return x_minus_mean * scale + shift;
+}
+
+// torch.relu: values < 0 become 0, NaN stays NaN.
+template <typename T>
+inline T relu_scalar(T v) {
+  return v < T(0) ? T(0) : v;
+}
+
+// Chan, Golub & LeVeque's parallel variance combination: folds a partial (n_b, mean_b, m2_b) into (n, mean, m2),
+// m2 being the sum of squared deviations from the mean.
+template <typename acc_t>
+inline void chan_merge(int64_t& n, acc_t& mean, acc_t& m2, int64_t n_b, acc_t mean_b, acc_t m2_b) {
+  if (n_b == 0) return;
+  if (n == 0) {
+    n = n_b;
+    mean = mean_b;
+    m2 = m2_b;
+    return;
+  }
+  const int64_t n_ab = n + n_b;
+  const acc_t frac_b = acc_t(n_b) / acc_t(n_ab);
+  const acc_t delta = mean_b - mean;
+  mean = mean + delta * frac_b;
+  m2 = m2 + m2_b + delta * delta * (acc_t(n) * frac_b);
+  n = n_ab;
+}
+
+inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastbn
