@@ -131,7 +131,9 @@ def _setup_eval(ctx, inputs, output):
         # cannot invalidate this graph.
         acc = ops.acc_dtype(input)
         mean = running_mean.detach().to(acc, copy=True)
-        invstd = torch.rsqrt(running_var.detach().to(acc) + eps)
+        # sqrt then reciprocal, both correctly rounded, as the kernels compute it: the backward's
+        # recomputed ReLU mask must match the forward's bit for bit (rsqrt may be approximate on GPUs).
+        invstd = torch.sqrt(running_var.detach().to(acc) + eps).reciprocal()
     ctx.save_for_backward(input, weight, bias, residual if relu else None, mean, invstd)
     ctx.relu, ctx.eps = relu, eps
 
