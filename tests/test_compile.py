@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastbn
-from conftest import assert_close, leaf, make_input, make_like, make_params
+from bn_testing import assert_close, leaf, make_input, make_like, make_params
 
 
 class Net(nn.Module):

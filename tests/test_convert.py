@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastbn
-from conftest import assert_close, make_input
+from bn_testing import assert_close, make_input
 
 TORCH_TO_FASTBN = {nn.BatchNorm1d: fastbn.BatchNorm1d, nn.BatchNorm2d: fastbn.BatchNorm2d,
                    nn.BatchNorm3d: fastbn.BatchNorm3d}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastbn
-from conftest import assert_same_state, make_input
+from bn_testing import assert_same_state, make_input
 
 DEVICES = r"(cpu.*meta|meta.*cpu)"
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fastbn
-from conftest import (DTYPE_CASES, TOLERANCES, assert_close, formats_for, leaf, make_input, make_like, make_params,
+from bn_testing import (DTYPE_CASES, TOLERANCES, assert_close, formats_for, leaf, make_input, make_like, make_params,
                       named_memory_format, reference_batch_norm, reference_with_grads, torch_composite,
                       assert_grads_close)
 
@@ -176,7 +176,7 @@ def test_running_stats_and_counter_over_steps(momentum, dtype, param_dtype):
     ref_mean, ref_var, ref_count = running_mean.double(), running_var.double(), 0
     for step in range(1, 5):
         x = make_input((3, 5, 4), dtype, scale=step, shift=step - 2.0)
-        y = bn(x, rm, rv, None, None, True, momentum, EPS, num_batches_tracked=count)
+        bn(x, rm, rv, None, None, True, momentum, EPS, num_batches_tracked=count)
         _, ref_mean, ref_var, ref_count = reference_batch_norm(x, ref_mean, ref_var, None, None, True, momentum, EPS,
                                                                num_batches_tracked=ref_count)
         assert count.dtype == torch.long and count.dim() == 0

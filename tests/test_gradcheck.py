@@ -7,7 +7,7 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 
 import fastbn
-from conftest import make_input, make_like, make_params, reference_batch_norm
+from bn_testing import make_input, make_like, make_params, reference_batch_norm
 
 RELU_MARGIN = 1e-2
 CASES = [  # (shape, memory format)

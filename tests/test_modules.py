@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastbn
-from conftest import assert_close, leaf, make_input, make_like
+from bn_testing import assert_close, leaf, make_input, make_like
 
 MODULES = [  # (fastbn class, torch class, input shape)
     pytest.param(fastbn.BatchNorm1d, nn.BatchNorm1d, (6, 5), id="1d-NC"),

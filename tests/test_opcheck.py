@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastbn  # noqa: F401  (registers torch.ops.fastbn)
-from conftest import make_input, make_like, make_params
+from bn_testing import make_input, make_like, make_params
 
 ops = torch.ops.fastbn
 TEST_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")

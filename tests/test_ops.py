@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastbn  # noqa: F401  (registers torch.ops.fastbn)
-from conftest import (assert_close, assert_grads_close, channel_view, make_input, make_like, make_params, reduce_dims,
+from bn_testing import (assert_close, assert_grads_close, channel_view, make_input, make_like, make_params, reduce_dims,
                       reference_with_grads)
 
 ops = torch.ops.fastbn
