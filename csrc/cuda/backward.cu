@@ -44,15 +44,64 @@ __device__ __forceinline__ void store_grads(scalar_t* __restrict__ dx, scalar_t*
   }
 }
 
+// First pass of the persistent backward on W elements (pointers at their offset): x and g (exact: dy or 0)
+// stay in registers (xb, gb), grad_residual is written when asked; g and x - mean are returned for the sums.
+template <int W, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void keep_masked_grad(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                                 const scalar_t* __restrict__ res, scalar_t* __restrict__ dr,
+                                                 const Coef<acc_t>* k, bool relu, Pack<scalar_t, W>& xb,
+                                                 Pack<scalar_t, W>& gb, acc_t (&g)[W], acc_t (&xmu)[W]) {
+  xb = load_pack<W>(x);
+  masked_grad<W>(load_pack<W>(dy), xb, res, k, relu, g, xmu);
+#pragma unroll
+  for (int v = 0; v < W; ++v) gb.val[v] = static_cast<scalar_t>(g[v]);
+  if (dr != nullptr) store_pack<W>(dr, gb);
+}
+
+// Second pass of the persistent backward: dx of W elements from the registers kept by keep_masked_grad.
+template <int W, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_kept_dx(scalar_t* __restrict__ dx, const Pack<scalar_t, W>& xb,
+                                              const Pack<scalar_t, W>& gb, const BwdCoef<acc_t>* b) {
+  acc_t g[W], xmu[W];
+#pragma unroll
+  for (int v = 0; v < W; ++v) {
+    g[v] = static_cast<acc_t>(gb.val[v]);
+    xmu[v] = static_cast<acc_t>(xb.val[v]) - b[v].fwd.mean;
+  }
+  store_grads<W>(dx, static_cast<scalar_t*>(nullptr), g, xmu, b, true);
+}
+
+// Adds g and g * (x - mean) of W elements to per-lane sums.
+template <int W, typename acc_t>
+__device__ __forceinline__ void add_grads(Sums2<acc_t> (&lanes)[W], const acc_t (&g)[W], const acc_t (&xmu)[W]) {
+#pragma unroll
+  for (int v = 0; v < W; ++v) {
+    lanes[v].g += g[v];
+    lanes[v].gx = fma_acc(g[v], xmu[v], lanes[v].gx);
+  }
+}
+
+// The reduction state of a rows column: zeroed sums and the forward's coefficients of its W channels (for
+// the ReLU mask; only read when the column is active).
+template <int W, typename param_t, typename acc_t, typename index_t>
+__device__ __forceinline__ void rows_reduce_init(const BwdParams<param_t, acc_t>& params, index_t c0, bool active,
+                                                 Sums2<acc_t> (&lanes)[W], Coef<acc_t> (&k)[W]) {
+#pragma unroll
+  for (int v = 0; v < W; ++v) lanes[v] = Sums2Op<acc_t>::identity();
+  if (active)
+#pragma unroll
+    for (int v = 0; v < W; ++v) k[v] = params.get(c0 + v, acc_t(0), acc_t(0)).fwd;
+}
+
 // Backward reduction, planes layout. Traffic: 2E read (+1E residual when relu). Launch: grid (C, splits),
 // 1-D blocks; last-block-done merge of the (Σg, Σg·(x-mean)) partials in split order, then the epilogue
 // (grad_weight, grad_bias, or the sums / means for the elementwise pass).
 template <typename scalar_t, typename param_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kMaxThreads)
-    backward_reduce_planes_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                  const scalar_t* __restrict__ res, PlanesGeom<index_t> g,
-                                  BwdParams<param_t, acc_t> params, BwdReduceOut<param_t, acc_t> out,
-                                  Sums2<acc_t>* partials, unsigned* counters, bool relu) {
+    backward_reduce_planes_kernel(PlanesGeom<index_t> g, Sums2<acc_t>* partials, unsigned* counters,
+                                  const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                  const scalar_t* __restrict__ res, BwdParams<param_t, acc_t> params,
+                                  BwdReduceOut<param_t, acc_t> out, bool relu) {
   __shared__ Sums2<acc_t> scratch[32];
   const index_t c = blockIdx.x;
   const unsigned split = blockIdx.y, splits = gridDim.y;
@@ -63,46 +112,32 @@ __global__ void __launch_bounds__(kMaxThreads)
     k[0] = params.get(c, acc_t(0), acc_t(0)).fwd;
 #pragma unroll
     for (int v = 1; v < W; ++v) k[v] = k[0];
-    acc_t sg[W], sgx[W];
+    Sums2<acc_t> lanes[W];
 #pragma unroll
-    for (int v = 0; v < W; ++v) sg[v] = sgx[v] = acc_t(0);
+    for (int v = 0; v < W; ++v) lanes[v] = Sums2Op<acc_t>::identity();
     const index_t step = static_cast<index_t>(splits) * blockDim.x;
     for (index_t u = static_cast<index_t>(split) * blockDim.x + threadIdx.x; u < g.units; u += step) {
       const index_t off = g.template offset<W>(c, u);
       acc_t gv[W], xmu[W];
       masked_grad<W>(load_pack<W>(dy + off), load_pack<W>(x + off), res != nullptr ? res + off : nullptr, k, relu, gv,
                      xmu);
-#pragma unroll
-      for (int v = 0; v < W; ++v) {
-        sg[v] += gv[v];
-        sgx[v] = fma_acc(gv[v], xmu[v], sgx[v]);
-      }
+      add_grads(lanes, gv, xmu);
     }
 #pragma unroll
-    for (int v = 0; v < W; ++v) {
-      sum.g += sg[v];
-      sum.gx += sgx[v];
-    }
+    for (int v = 0; v < W; ++v) sum = Sums2Op<acc_t>()(sum, lanes[v]);
   });
-  sum = block_reduce(sum, Sums2Op<acc_t>(), scratch);
-  if (splits == 1) {
-    if (threadIdx.x == 0) out.finalize(c, sum);
-    return;
-  }
-  if (threadIdx.x == 0) partials[c * splits + split] = sum;
-  if (!arrive_last(counters + c, splits)) return;
-  sum = merge_partials_block(partials + c * splits, 1, splits, Sums2Op<acc_t>(), scratch);
-  if (threadIdx.x == 0) out.finalize(c, sum);
+  split_reduce_block(sum, Sums2Op<acc_t>(), scratch, partials, counters, c, split, splits,
+                     [&](const Sums2<acc_t>& total) { out.finalize(c, total); });
 }
 
 // Backward reduction, rows layout. Traffic: 2E read (+1E residual when relu). Launch: grid (tiles, splits),
 // blocks (tx, ty), dynamic shared memory of tx*ty partial pairs; last-block-done merge per tile.
 template <typename scalar_t, typename param_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kMaxThreads)
-    backward_reduce_rows_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                const scalar_t* __restrict__ res, RowsGeom<index_t> g,
-                                BwdParams<param_t, acc_t> params, BwdReduceOut<param_t, acc_t> out,
-                                Sums2<acc_t>* partials, unsigned* counters, bool relu) {
+    backward_reduce_rows_kernel(RowsGeom<index_t> g, Sums2<acc_t>* partials, unsigned* counters,
+                                const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                const scalar_t* __restrict__ res, BwdParams<param_t, acc_t> params,
+                                BwdReduceOut<param_t, acc_t> out, bool relu) {
   Sums2<acc_t>* smem = dynamic_shared<Sums2<acc_t>>();
   const unsigned split = blockIdx.y, splits = gridDim.y;
   with_width<scalar_t>(g.vec, [&](auto width) {
@@ -110,44 +145,22 @@ __global__ void __launch_bounds__(kMaxThreads)
     const index_t c0 = (static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x) * W;
     const bool active = c0 < g.C;
     Sums2<acc_t> lanes[W];
-#pragma unroll
-    for (int v = 0; v < W; ++v) lanes[v] = Sums2Op<acc_t>::identity();
+    Coef<acc_t> k[W];
+    rows_reduce_init(params, c0, active, lanes, k);
     if (active) {
-      Coef<acc_t> k[W];
-#pragma unroll
-      for (int v = 0; v < W; ++v) k[v] = params.get(c0 + v, acc_t(0), acc_t(0)).fwd;
       const index_t step = static_cast<index_t>(splits) * blockDim.y;
       for (index_t r = static_cast<index_t>(split) * blockDim.y + threadIdx.y; r < g.R; r += step) {
         const index_t off = r * g.C + c0;
         acc_t gv[W], xmu[W];
         masked_grad<W>(load_pack<W>(dy + off), load_pack<W>(x + off), res != nullptr ? res + off : nullptr, k, relu,
                        gv, xmu);
-#pragma unroll
-        for (int v = 0; v < W; ++v) {
-          lanes[v].g += gv[v];
-          lanes[v].gx = fma_acc(gv[v], xmu[v], lanes[v].gx);
-        }
+        add_grads(lanes, gv, xmu);
       }
     }
 #pragma unroll
     for (int v = 0; v < W; ++v) lanes[v] = reduce_y(lanes[v], Sums2Op<acc_t>(), smem);
-    const bool leader = active && threadIdx.y == 0;
-    if (splits == 1) {
-      if (leader)
-#pragma unroll
-        for (int v = 0; v < W; ++v) out.finalize(c0 + v, lanes[v]);
-      return;
-    }
-    if (leader)
-#pragma unroll
-      for (int v = 0; v < W; ++v) partials[static_cast<int64_t>(split) * g.C + c0 + v] = lanes[v];
-    if (!arrive_last(counters + blockIdx.x, splits)) return;
-#pragma unroll
-    for (int v = 0; v < W; ++v) {
-      const Sums2<acc_t> total =
-          merge_partials_y(partials + (active ? c0 + v : 0), g.C, splits, active, Sums2Op<acc_t>(), smem);
-      if (leader) out.finalize(c0 + v, total);
-    }
+    split_merge_y(lanes, Sums2Op<acc_t>(), smem, partials, counters, g.C, c0, active, split, splits,
+                  [&](int v, const Sums2<acc_t>& total) { out.finalize(c0 + v, total); });
   });
 }
 
@@ -155,9 +168,9 @@ __global__ void __launch_bounds__(kMaxThreads)
 // [+1E read residual with relu]; eval without relu reads only dy. Launch: as the planes normalize.
 template <typename scalar_t, typename param_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kMaxThreads)
-    backward_elementwise_planes_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                       const scalar_t* __restrict__ res, scalar_t* __restrict__ dx,
-                                       scalar_t* __restrict__ dr, PlanesGeom<index_t> g,
+    backward_elementwise_planes_kernel(PlanesGeom<index_t> g, const scalar_t* __restrict__ dy,
+                                       const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
+                                       scalar_t* __restrict__ dx, scalar_t* __restrict__ dr,
                                        BwdParams<param_t, acc_t> params, bool training, bool relu) {
   const index_t c = blockIdx.x;
   const unsigned split = blockIdx.y, splits = gridDim.y;
@@ -187,9 +200,9 @@ __global__ void __launch_bounds__(kMaxThreads)
 // Backward elementwise, rows layout. Traffic: as the planes kernel. Launch: as the rows normalize.
 template <typename scalar_t, typename param_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kMaxThreads)
-    backward_elementwise_rows_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                     const scalar_t* __restrict__ res, scalar_t* __restrict__ dx,
-                                     scalar_t* __restrict__ dr, RowsGeom<index_t> g,
+    backward_elementwise_rows_kernel(RowsGeom<index_t> g, const scalar_t* __restrict__ dy,
+                                     const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
+                                     scalar_t* __restrict__ dx, scalar_t* __restrict__ dr,
                                      BwdParams<param_t, acc_t> params, bool training, bool relu) {
   const unsigned split = blockIdx.y, splits = gridDim.y;
   const bool need_x = training || relu;
@@ -222,61 +235,48 @@ __global__ void __launch_bounds__(kMaxThreads)
 // block, as the persistent forward.
 template <typename scalar_t, typename param_t, typename acc_t, typename index_t, int kBytes>
 __global__ void __launch_bounds__(kMaxThreads)
-    persistent_backward_planes_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+    persistent_backward_planes_kernel(PlanesGeom<index_t> g, index_t C, unsigned rounds, Sums2<acc_t>* partials,
+                                      const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                                       const scalar_t* __restrict__ res, scalar_t* __restrict__ dx,
-                                      scalar_t* __restrict__ dr, PlanesGeom<index_t> g, index_t C, unsigned rounds,
-                                      BwdParams<param_t, acc_t> params, BwdReduceOut<param_t, acc_t> out,
-                                      Sums2<acc_t>* partials, bool relu) {
+                                      scalar_t* __restrict__ dr, BwdParams<param_t, acc_t> params,
+                                      BwdReduceOut<param_t, acc_t> out, bool relu) {
   __shared__ Sums2<acc_t> scratch[32];
-  const unsigned gc = gridDim.x, split = blockIdx.y, splits = gridDim.y;
+  const unsigned split = blockIdx.y, splits = gridDim.y;
   with_width<scalar_t>(g.vec, [&](auto width) {
     constexpr int W = decltype(width)::value;
     constexpr int kSlots = kBytes / static_cast<int>(sizeof(scalar_t) * W);
     const int per_round = kSlots / static_cast<int>(rounds);
     Pack<scalar_t, W> xbuf[kSlots], gbuf[kSlots];
-    for (unsigned r = 0; r < rounds; ++r) {
-      const index_t c = static_cast<index_t>(blockIdx.x + r * gc);
-      if (c >= C) break;  // block-uniform
+    for_each_round(C, rounds, [&](unsigned r, index_t c) {
       Coef<acc_t> k[W];
       k[0] = params.get(c, acc_t(0), acc_t(0)).fwd;
 #pragma unroll
       for (int v = 1; v < W; ++v) k[v] = k[0];
       Sums2<acc_t> sum{acc_t(0), acc_t(0)};
+      for_each_slot<kSlots>(g.units, r, per_round, [&](int s, index_t u) {
+        const index_t off = g.template offset<W>(c, u);
+        acc_t gv[W], xmu[W];
+        keep_masked_grad<W>(dy + off, x + off, res != nullptr ? res + off : nullptr, dr != nullptr ? dr + off : nullptr,
+                            k, relu, xbuf[s], gbuf[s], gv, xmu);
 #pragma unroll
-      for (int s = 0; s < kSlots; ++s) {
-        if (s / per_round != static_cast<int>(r)) continue;
-        const index_t u = (static_cast<index_t>(s % per_round) * splits + split) * blockDim.x + threadIdx.x;
-        if (u < g.units) {
-          const index_t off = g.template offset<W>(c, u);
-          xbuf[s] = load_pack<W>(x + off);
-          acc_t gv[W], xmu[W];
-          masked_grad<W>(load_pack<W>(dy + off), xbuf[s], res != nullptr ? res + off : nullptr, k, relu, gv, xmu);
-#pragma unroll
-          for (int v = 0; v < W; ++v) {
-            gbuf[s].val[v] = static_cast<scalar_t>(gv[v]);  // exact: dy or 0
-            sum.g += gv[v];
-            sum.gx = fma_acc(gv[v], xmu[v], sum.gx);
-          }
-          if (dr != nullptr) store_pack<W>(dr + off, gbuf[s]);
+        for (int v = 0; v < W; ++v) {
+          sum.g += gv[v];
+          sum.gx = fma_acc(gv[v], xmu[v], sum.gx);
         }
-      }
+      });
       sum = block_reduce(sum, Sums2Op<acc_t>(), scratch);
       if (threadIdx.x == 0) partials[c * splits + split] = sum;
-    }
+    });
     grid_sync();
     if (dx == nullptr) {
       if (split == 0)
-        for (unsigned r = 0; r < rounds; ++r) {
-          const index_t c = static_cast<index_t>(blockIdx.x + r * gc);
-          if (c >= C) break;
+        for_each_round(C, rounds, [&](unsigned, index_t c) {
           const Sums2<acc_t> sum = merge_partials_block(partials + c * splits, 1, splits, Sums2Op<acc_t>(), scratch);
           if (threadIdx.x == 0) out.finalize(c, sum);
-        }
+        });
       return;
     }
-    for (unsigned r = 0; r < rounds; ++r) {
-      const index_t c = static_cast<index_t>(blockIdx.x + r * gc);
-      if (c >= C) break;
+    for_each_round(C, rounds, [&](unsigned r, index_t c) {
       const Sums2<acc_t> sum = merge_partials_block(partials + c * splits, 1, splits, Sums2Op<acc_t>(), scratch);
       if (split == 0 && threadIdx.x == 0) out.finalize(c, sum);
       acc_t mdy, mdyx;
@@ -285,21 +285,9 @@ __global__ void __launch_bounds__(kMaxThreads)
       b[0] = params.get(c, mdy, mdyx);
 #pragma unroll
       for (int v = 1; v < W; ++v) b[v] = b[0];
-#pragma unroll
-      for (int s = 0; s < kSlots; ++s) {
-        if (s / per_round != static_cast<int>(r)) continue;
-        const index_t u = (static_cast<index_t>(s % per_round) * splits + split) * blockDim.x + threadIdx.x;
-        if (u < g.units) {
-          acc_t gv[W], xmu[W];
-#pragma unroll
-          for (int v = 0; v < W; ++v) {
-            gv[v] = static_cast<acc_t>(gbuf[s].val[v]);
-            xmu[v] = static_cast<acc_t>(xbuf[s].val[v]) - b[v].fwd.mean;
-          }
-          store_grads<W>(dx + g.template offset<W>(c, u), static_cast<scalar_t*>(nullptr), gv, xmu, b, true);
-        }
-      }
-    }
+      for_each_slot<kSlots>(g.units, r, per_round,
+                            [&](int s, index_t u) { store_kept_dx<W>(dx + g.template offset<W>(c, u), xbuf[s], gbuf[s], b); });
+    });
   });
 }
 
@@ -307,10 +295,10 @@ __global__ void __launch_bounds__(kMaxThreads)
 // grid (tiles, splits), blocks (tx, ty), kSlots rows per thread; coefficients through shared memory.
 template <typename scalar_t, typename param_t, typename acc_t, typename index_t, int kBytes>
 __global__ void __launch_bounds__(kMaxThreads)
-    persistent_backward_rows_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                    const scalar_t* __restrict__ res, scalar_t* __restrict__ dx,
-                                    scalar_t* __restrict__ dr, RowsGeom<index_t> g, BwdParams<param_t, acc_t> params,
-                                    BwdReduceOut<param_t, acc_t> out, Sums2<acc_t>* partials, bool relu) {
+    persistent_backward_rows_kernel(RowsGeom<index_t> g, Sums2<acc_t>* partials, const scalar_t* __restrict__ dy,
+                                    const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
+                                    scalar_t* __restrict__ dx, scalar_t* __restrict__ dr,
+                                    BwdParams<param_t, acc_t> params, BwdReduceOut<param_t, acc_t> out, bool relu) {
   Sums2<acc_t>* smem = dynamic_shared<Sums2<acc_t>>();
   BwdCoef<acc_t>* coefs = reinterpret_cast<BwdCoef<acc_t>*>(smem + blockDim.x * blockDim.y);
   const unsigned split = blockIdx.y, splits = gridDim.y;
@@ -321,29 +309,16 @@ __global__ void __launch_bounds__(kMaxThreads)
     const bool active = c0 < g.C;
     Pack<scalar_t, W> xbuf[kSlots], gbuf[kSlots];
     Sums2<acc_t> lanes[W];
-#pragma unroll
-    for (int v = 0; v < W; ++v) lanes[v] = Sums2Op<acc_t>::identity();
+    Coef<acc_t> k[W];
+    rows_reduce_init(params, c0, active, lanes, k);
     if (active) {
-      Coef<acc_t> k[W];
-#pragma unroll
-      for (int v = 0; v < W; ++v) k[v] = params.get(c0 + v, acc_t(0), acc_t(0)).fwd;
-#pragma unroll
-      for (int s = 0; s < kSlots; ++s) {
-        const index_t r = (static_cast<index_t>(s) * splits + split) * blockDim.y + threadIdx.y;
-        if (r < g.R) {
-          const index_t off = r * g.C + c0;
-          xbuf[s] = load_pack<W>(x + off);
-          acc_t gv[W], xmu[W];
-          masked_grad<W>(load_pack<W>(dy + off), xbuf[s], res != nullptr ? res + off : nullptr, k, relu, gv, xmu);
-#pragma unroll
-          for (int v = 0; v < W; ++v) {
-            gbuf[s].val[v] = static_cast<scalar_t>(gv[v]);
-            lanes[v].g += gv[v];
-            lanes[v].gx = fma_acc(gv[v], xmu[v], lanes[v].gx);
-          }
-          if (dr != nullptr) store_pack<W>(dr + off, gbuf[s]);
-        }
-      }
+      for_each_row_slot<kSlots>(g.R, [&](int s, index_t r) {
+        const index_t off = r * g.C + c0;
+        acc_t gv[W], xmu[W];
+        keep_masked_grad<W>(dy + off, x + off, res != nullptr ? res + off : nullptr, dr != nullptr ? dr + off : nullptr,
+                            k, relu, xbuf[s], gbuf[s], gv, xmu);
+        add_grads(lanes, gv, xmu);
+      });
     }
 #pragma unroll
     for (int v = 0; v < W; ++v) {
@@ -367,19 +342,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     BwdCoef<acc_t> b[W];
 #pragma unroll
     for (int v = 0; v < W; ++v) b[v] = coefs[threadIdx.x * W + v];
-#pragma unroll
-    for (int s = 0; s < kSlots; ++s) {
-      const index_t r = (static_cast<index_t>(s) * splits + split) * blockDim.y + threadIdx.y;
-      if (r < g.R) {
-        acc_t gv[W], xmu[W];
-#pragma unroll
-        for (int v = 0; v < W; ++v) {
-          gv[v] = static_cast<acc_t>(gbuf[s].val[v]);
-          xmu[v] = static_cast<acc_t>(xbuf[s].val[v]) - b[v].fwd.mean;
-        }
-        store_grads<W>(dx + r * g.C + c0, static_cast<scalar_t*>(nullptr), gv, xmu, b, true);
-      }
-    }
+    for_each_row_slot<kSlots>(g.R,
+                              [&](int s, index_t r) { store_kept_dx<W>(dx + r * g.C + c0, xbuf[s], gbuf[s], b); });
   });
 }
 
@@ -388,54 +352,27 @@ __global__ void __launch_bounds__(kMaxThreads)
 template <typename S, typename P, typename A>
 void launch_backward_reduce(const Geometry& g, const at::Tensor& input, const S* dy, const S* x, const S* res,
                             const BwdParams<P, A>& params, const BwdReduceOut<P, A>& out, bool relu) {
-  BOOL_SWITCH(g.idx64, kIdx64, [&] {
-    using index_t = index_type<kIdx64>;
-    if (g.layout == Layout::kPlanes) {
-      const auto pg = planes_geom<index_t, S>(g);
-      auto kernel = backward_reduce_planes_kernel<S, P, A, index_t>;
-      const unsigned threads = planes_threads(pg.units);
-      const unsigned splits = planes_splits(pg.units, g.C, threads, max_cooperative_blocks(kernel, threads, 0));
-      at::Tensor partials = scratch_bytes(input, splits > 1 ? g.C * splits * int64_t(sizeof(Sums2<A>)) : 0);
-      at::Tensor counters = zero_counters(input, splits > 1 ? g.C : 0);
-      launch(kernel, dim3(static_cast<unsigned>(g.C), splits), dim3(threads), 0, current_stream(), dy, x, res, pg,
-             params, out, reinterpret_cast<Sums2<A>*>(partials.data_ptr()),
-             reinterpret_cast<unsigned*>(counters.data_ptr()), relu);
-    } else {
-      const auto rg = rows_geom<index_t, S>(g);
-      auto kernel = backward_reduce_rows_kernel<S, P, A, index_t>;
-      RowsConfig cfg = rows_shape(g.R, g.C, rg.vec);
-      const size_t smem = cfg.threads() * sizeof(Sums2<A>);
-      rows_splits(cfg, g.R, max_cooperative_blocks(kernel, cfg.threads(), smem));
-      at::Tensor partials = scratch_bytes(input, cfg.splits > 1 ? g.C * cfg.splits * int64_t(sizeof(Sums2<A>)) : 0);
-      at::Tensor counters = zero_counters(input, cfg.splits > 1 ? cfg.tiles : 0);
-      launch(kernel, dim3(cfg.tiles, cfg.splits), dim3(cfg.tx, cfg.ty), smem, current_stream(), dy, x, res, rg,
-             params, out, reinterpret_cast<Sums2<A>*>(partials.data_ptr()),
-             reinterpret_cast<unsigned*>(counters.data_ptr()), relu);
-    }
-  });
+  launch_grid_stride<S, Sums2<A>>(
+      g, input,
+      [](auto index) {
+        using index_t = decltype(index);
+        return std::make_pair(backward_reduce_planes_kernel<S, P, A, index_t>,
+                              backward_reduce_rows_kernel<S, P, A, index_t>);
+      },
+      dy, x, res, params, out, relu);
 }
 
 template <typename S, typename P, typename A>
 void launch_backward_elementwise(const Geometry& g, const at::Tensor& input, const S* dy, const S* x, const S* res,
                                  S* dx, S* dr, const BwdParams<P, A>& params, bool training, bool relu) {
-  BOOL_SWITCH(g.idx64, kIdx64, [&] {
-    using index_t = index_type<kIdx64>;
-    if (g.layout == Layout::kPlanes) {
-      const auto pg = planes_geom<index_t, S>(g);
-      auto kernel = backward_elementwise_planes_kernel<S, P, A, index_t>;
-      const unsigned threads = planes_threads(pg.units);
-      const unsigned splits = planes_splits(pg.units, g.C, threads, max_cooperative_blocks(kernel, threads, 0));
-      launch(kernel, dim3(static_cast<unsigned>(g.C), splits), dim3(threads), 0, current_stream(), dy, x, res, dx, dr,
-             pg, params, training, relu);
-    } else {
-      const auto rg = rows_geom<index_t, S>(g);
-      auto kernel = backward_elementwise_rows_kernel<S, P, A, index_t>;
-      RowsConfig cfg = rows_shape(g.R, g.C, rg.vec);
-      rows_splits(cfg, g.R, max_cooperative_blocks(kernel, cfg.threads(), 0));
-      launch(kernel, dim3(cfg.tiles, cfg.splits), dim3(cfg.tx, cfg.ty), 0, current_stream(), dy, x, res, dx, dr, rg,
-             params, training, relu);
-    }
-  });
+  launch_grid_stride<S, void>(
+      g, input,
+      [](auto index) {
+        using index_t = decltype(index);
+        return std::make_pair(backward_elementwise_planes_kernel<S, P, A, index_t>,
+                              backward_elementwise_rows_kernel<S, P, A, index_t>);
+      },
+      dy, x, res, dx, dr, params, training, relu);
 }
 
 template <typename S, typename P, typename A>
@@ -443,42 +380,9 @@ bool launch_persistent_backward(const Geometry& g, const at::Tensor& input, cons
                                 S* dx, S* dr, const BwdParams<P, A>& params, const BwdReduceOut<P, A>& out,
                                 bool relu) {
   constexpr int kBytes = kPersistentBackwardBytes;
-  // A tensor that fits on chip always has 32-bit offsets: no 64-bit instantiation.
-  if (g.idx64) return false;
-  using index_t = int32_t;
-  return [&] {
-    if (g.layout == Layout::kPlanes) {
-      const auto pg = planes_geom<index_t, S>(g);
-      const int64_t slots = kBytes / (int64_t(sizeof(S)) * pg.vec);
-      auto kernel = persistent_backward_planes_kernel<S, P, A, index_t, kBytes>;
-      PersistentPlanes shape;
-      // The rounds are bounded by the slot count of the vector width (kBytes / 16).
-      if (!persistent_planes_shape(pg.units, g.C, slots, kBytes / 16,
-                                   [&](unsigned t) { return int64_t(max_cooperative_blocks(kernel, t, 0)); }, shape))
-        return false;
-      const unsigned threads = shape.threads;
-      const int64_t gc = shape.gc, rounds = shape.rounds, splits = shape.splits;
-      at::Tensor partials = scratch_bytes(input, g.C * splits * int64_t(sizeof(Sums2<A>)));
-      launch_cooperative(kernel, dim3(static_cast<unsigned>(gc), static_cast<unsigned>(splits)), dim3(threads), 0,
-                         current_stream(), dy, x, res, dx, dr, pg, static_cast<index_t>(g.C),
-                         static_cast<unsigned>(rounds), params, out, reinterpret_cast<Sums2<A>*>(partials.data_ptr()),
-                         relu);
-      return true;
-    }
-    const auto rg = rows_geom<index_t, S>(g);
-    const int64_t slots = kBytes / (int64_t(sizeof(S)) * rg.vec);
-    auto kernel = persistent_backward_rows_kernel<S, P, A, index_t, kBytes>;
-    RowsConfig cfg = rows_shape(g.R, g.C, rg.vec);
-    const size_t smem = cfg.threads() * sizeof(Sums2<A>) + cfg.tx * kPackSize<S> * sizeof(BwdCoef<A>);
-    const int64_t resident = max_cooperative_blocks(kernel, cfg.threads(), smem);
-    const int64_t splits = div_up(g.R, int64_t(cfg.ty) * slots);
-    if (int64_t(cfg.tiles) * splits > resident) return false;
-    at::Tensor partials = scratch_bytes(input, g.C * splits * int64_t(sizeof(Sums2<A>)));
-    launch_cooperative(kernel, dim3(cfg.tiles, static_cast<unsigned>(splits)), dim3(cfg.tx, cfg.ty), smem,
-                       current_stream(), dy, x, res, dx, dr, rg, params, out,
-                       reinterpret_cast<Sums2<A>*>(partials.data_ptr()), relu);
-    return true;
-  }();
+  return launch_persistent<S, Sums2<A>, BwdCoef<A>, kBytes>(
+      g, input, persistent_backward_planes_kernel<S, P, A, int32_t, kBytes>,
+      persistent_backward_rows_kernel<S, P, A, int32_t, kBytes>, dy, x, res, dx, dr, params, out, relu);
 }
 
 #define FASTBN_INSTANTIATE_BACKWARD(S, P, A)                                                                        \

@@ -1,7 +1,7 @@
 // What the fastbn CUDA kernels (stats.cu, forward.cu, backward.cu) share: the element math (written once,
 // so the forward's output and the backward's recomputed ReLU mask round identically), the geometry of the
-// two layouts, per-channel parameter access, the statistics epilogue (saved statistics + running-stat
-// update) and the reductions a 2-D (channels x rows) block needs on top of device_utils.cuh.
+// two layouts, per-channel parameter access and the statistics epilogue (saved statistics + running-stat
+// update). The reductions they use (block, 2-D block, split / last-block-done merges) are device_utils.cuh's.
 //
 // Layouts (chosen on the host, ops.cu):
 //   planes  NCHW-contiguous (N, C, S): channel c of sample n is the contiguous run [(n*C + c)*S, +S).
@@ -149,6 +149,41 @@ struct RowsGeom {
   int vec;    // W
 };
 
+// Persistent planes kernels: block b of a grid (gc, splits) handles channels b, b + gc, ... (`rounds` of
+// them, fewer for the last blocks); body(r, c) for each, r the round. Block-uniform.
+template <typename index_t, typename Body>
+__device__ __forceinline__ void for_each_round(index_t C, unsigned rounds, Body body) {
+  for (unsigned r = 0; r < rounds; ++r) {
+    const index_t c = static_cast<index_t>(blockIdx.x + r * gridDim.x);
+    if (c >= C) break;
+    body(r, c);
+  }
+}
+
+// The kSlots register slots of a persistent planes thread are split evenly over the rounds; slot s of round
+// r holds unit ((s % per_round) * splits + split) * T + t of the channel. body(s, u) for the slots of round r
+// whose unit is in range (s is a constant once unrolled, so slot arrays stay in registers).
+template <int kSlots, typename index_t, typename Body>
+__device__ __forceinline__ void for_each_slot(index_t units, unsigned r, int per_round, Body body) {
+#pragma unroll
+  for (int s = 0; s < kSlots; ++s) {
+    if (s / per_round != static_cast<int>(r)) continue;
+    const index_t u = (static_cast<index_t>(s % per_round) * gridDim.y + blockIdx.y) * blockDim.x + threadIdx.x;
+    if (u < units) body(s, u);
+  }
+}
+
+// Persistent rows kernels: slot s of a thread holds row (s * splits + split) * ty + threadIdx.y of its
+// channels; body(s, row) for the slots whose row is in range.
+template <int kSlots, typename index_t, typename Body>
+__device__ __forceinline__ void for_each_row_slot(index_t R, Body body) {
+#pragma unroll
+  for (int s = 0; s < kSlots; ++s) {
+    const index_t r = (static_cast<index_t>(s) * gridDim.y + blockIdx.y) * blockDim.y + threadIdx.y;
+    if (r < R) body(s, r);
+  }
+}
+
 // Runs body(std::integral_constant<int, W>) with W the pack width of scalar_t or 1.
 template <typename scalar_t, typename Body>
 __device__ __forceinline__ void with_width(int vec, Body&& body) {
@@ -186,81 +221,26 @@ __device__ __forceinline__ Welford<acc_t> unshift(Welford<acc_t> w, acc_t shift)
   return w;
 }
 
-// Sums of the backward reduction: g and g * (x - mean).
-template <typename acc_t>
-struct Sums2 {
-  acc_t g, gx;
-};
-
-template <typename acc_t>
-__device__ __forceinline__ Sums2<acc_t> shfl_xor(const Sums2<acc_t>& v, int lane_mask) {
-  return Sums2<acc_t>{__shfl_xor_sync(kFullMask, v.g, lane_mask), __shfl_xor_sync(kFullMask, v.gx, lane_mask)};
+// Adds the W values of a pack to per-lane shifted sums: a1 += x - K, a2 += (x - K)^2.
+template <int W, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void add_shifted(const Pack<scalar_t, W>& p, const acc_t (&shift)[W], acc_t (&a1)[W],
+                                            acc_t (&a2)[W]) {
+#pragma unroll
+  for (int v = 0; v < W; ++v) {
+    const acc_t d = static_cast<acc_t>(p.val[v]) - shift[v];
+    a1[v] += d;
+    a2[v] = fma_acc(d, d, a2[v]);
+  }
 }
 
-template <typename acc_t>
-struct Sums2Op {
-  __device__ __forceinline__ Sums2<acc_t> operator()(const Sums2<acc_t>& a, const Sums2<acc_t>& b) const {
-    return Sums2<acc_t>{a.g + b.g, a.gx + b.gx};
+// Zeroed shifted sums of W lanes, all with the shift K.
+template <int W, typename acc_t>
+__device__ __forceinline__ void init_shifted(acc_t k, acc_t (&shift)[W], acc_t (&a1)[W], acc_t (&a2)[W]) {
+#pragma unroll
+  for (int v = 0; v < W; ++v) {
+    shift[v] = k;
+    a1[v] = a2[v] = acc_t(0);
   }
-  __device__ __forceinline__ static Sums2<acc_t> identity() { return Sums2<acc_t>{acc_t(0), acc_t(0)}; }
-};
-
-// ---------------------------------------------------------------------------------------------------
-// Reduction over threadIdx.y of a 2-D block (blockDim.y a power of two), in a fixed tree order; the
-// total is returned to the threads with threadIdx.y == 0 (others get partial values). `smem` holds
-// blockDim.x * blockDim.y values; it may be reused after the call (the leading barrier protects it).
-template <typename T, typename Op>
-__device__ __forceinline__ T reduce_y(T v, Op op, T* smem) {
-  const unsigned tid = threadIdx.y * blockDim.x + threadIdx.x;
-  __syncthreads();
-  smem[tid] = v;
-  __syncthreads();
-  for (unsigned s = blockDim.y / 2; s > 0; s /= 2) {
-    if (threadIdx.y < s) smem[tid] = op(smem[tid], smem[tid + s * blockDim.x]);
-    __syncthreads();
-  }
-  return smem[threadIdx.x];
-}
-
-// Merge of per-block partials of one channel written by `splits` blocks (partials[s * pstride]),
-// read coherently; the block's threads split the list in a fixed order and meet in block_reduce.
-// Every thread returns the total. For 1-D (planes) blocks.
-template <typename T, typename Op>
-__device__ __forceinline__ T merge_partials_block(const T* partials, int64_t pstride, unsigned splits, Op op,
-                                                  T* scratch) {
-  T v = Op::identity();
-  for (unsigned s = block_thread_rank(); s < splits; s += block_thread_count())
-    v = op(v, load_coherent(partials + s * pstride));
-  return block_reduce(v, op, scratch);
-}
-
-// The same for a 2-D (rows) block: the threads of one column (same threadIdx.x) merge the partials of
-// one channel; the total is returned to threadIdx.y == 0.
-template <typename T, typename Op>
-__device__ __forceinline__ T merge_partials_y(const T* partials, int64_t pstride, unsigned splits, bool active,
-                                              Op op, T* smem) {
-  T v = Op::identity();
-  if (active)
-    for (unsigned s = threadIdx.y; s < splits; s += blockDim.y) v = op(v, load_coherent(partials + s * pstride));
-  return reduce_y(v, op, smem);
-}
-
-// Last-block-done arrival for a group of `splits` blocks sharing `counter` (threadFenceReduction, as
-// in device_utils' grid_reduce_last_block): call after this block's partials are written. True in every
-// thread of the block that arrives last; that block resets the counter for the next launch.
-__device__ __forceinline__ bool arrive_last(unsigned* counter, unsigned splits) {
-  bool last = false;
-  __syncthreads();  // every thread's partial is written
-  if (block_thread_rank() == 0) {
-    __threadfence();
-    last = atomicAdd(counter, 1u) == splits - 1;
-  }
-  last = __syncthreads_or(last);
-  if (last) {
-    __threadfence();
-    if (block_thread_rank() == 0) *counter = 0;
-  }
-  return last;
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-// Device helpers shared by the fastbn kernels: warp / block / grid reductions, the Welford-Chan merge
+// Device helpers shared by the fastbn kernels: warp / block / 2-D block / grid reductions and the split
+// (last-block-done) merges of per-channel partials, the Welford-Chan merge
 // of (count, mean, M2) triples, 16-byte vector loads and stores with a scalar path, the grid barrier.
 //
 // Written once for both sides: compiled by nvcc for the GPU, and by the host compiler against the SIMT
@@ -87,8 +88,22 @@ struct WelfordOp {
   __device__ __forceinline__ static Welford<acc_t> identity() { return welford_init<acc_t>(); }
 };
 
+// Two sums reduced together (the backward's Σg and Σg·(x - mean)).
+template <typename acc_t>
+struct Sums2 {
+  acc_t g, gx;
+};
+
+template <typename acc_t>
+struct Sums2Op {
+  __device__ __forceinline__ Sums2<acc_t> operator()(const Sums2<acc_t>& a, const Sums2<acc_t>& b) const {
+    return Sums2<acc_t>{a.g + b.g, a.gx + b.gx};
+  }
+  __device__ __forceinline__ static Sums2<acc_t> identity() { return Sums2<acc_t>{acc_t(0), acc_t(0)}; }
+};
+
 // ---------------------------------------------------------------------------------------------------
-// Warp shuffles of reduction values: the built-in types directly, Welford triples field by field.
+// Warp shuffles of reduction values: the built-in types directly, Welford triples and Sums2 field by field.
 
 template <typename T>
 __device__ __forceinline__ T shfl_xor(T v, int lane_mask) {
@@ -102,6 +117,11 @@ __device__ __forceinline__ Welford<acc_t> shfl_xor(const Welford<acc_t>& v, int 
   out.m2 = __shfl_xor_sync(kFullMask, v.m2, lane_mask);
   out.count = static_cast<int64_t>(__shfl_xor_sync(kFullMask, static_cast<long long>(v.count), lane_mask));
   return out;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ Sums2<acc_t> shfl_xor(const Sums2<acc_t>& v, int lane_mask) {
+  return Sums2<acc_t>{__shfl_xor_sync(kFullMask, v.g, lane_mask), __shfl_xor_sync(kFullMask, v.gx, lane_mask)};
 }
 
 // Butterfly reduction over the warp: every lane ends with the total. The lower lane's value is always
@@ -192,6 +212,106 @@ __device__ __forceinline__ T grid_reduce_cooperative(T block_total, Op op, T* pa
   T v = Op::identity();
   for (unsigned b = rank; b < blocks; b += block_thread_count()) v = op(v, load_coherent(partials + b));
   return block_reduce(v, op, scratch);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Reduction over threadIdx.y of a 2-D block (blockDim.y a power of two), in a fixed tree order; the
+// total is returned to the threads with threadIdx.y == 0 (others get partial values). `smem` holds
+// blockDim.x * blockDim.y values; it may be reused after the call (the leading barrier protects it).
+template <typename T, typename Op>
+__device__ __forceinline__ T reduce_y(T v, Op op, T* smem) {
+  const unsigned tid = threadIdx.y * blockDim.x + threadIdx.x;
+  __syncthreads();
+  smem[tid] = v;
+  __syncthreads();
+  for (unsigned s = blockDim.y / 2; s > 0; s /= 2) {
+    if (threadIdx.y < s) smem[tid] = op(smem[tid], smem[tid + s * blockDim.x]);
+    __syncthreads();
+  }
+  return smem[threadIdx.x];
+}
+
+// Merge of per-block partials of one channel written by `splits` blocks (partials[s * pstride]),
+// read coherently; the block's threads split the list in a fixed order and meet in block_reduce.
+// Every thread returns the total. For 1-D (planes) blocks.
+template <typename T, typename Op>
+__device__ __forceinline__ T merge_partials_block(const T* partials, int64_t pstride, unsigned splits, Op op,
+                                                  T* scratch) {
+  T v = Op::identity();
+  for (unsigned s = block_thread_rank(); s < splits; s += block_thread_count())
+    v = op(v, load_coherent(partials + s * pstride));
+  return block_reduce(v, op, scratch);
+}
+
+// The same for a 2-D (rows) block: the threads of one column (same threadIdx.x) merge the partials of
+// one channel; the total is returned to threadIdx.y == 0.
+template <typename T, typename Op>
+__device__ __forceinline__ T merge_partials_y(const T* partials, int64_t pstride, unsigned splits, bool active,
+                                              Op op, T* smem) {
+  T v = Op::identity();
+  if (active)
+    for (unsigned s = threadIdx.y; s < splits; s += blockDim.y) v = op(v, load_coherent(partials + s * pstride));
+  return reduce_y(v, op, smem);
+}
+
+// Last-block-done arrival for a group of `splits` blocks sharing `counter` (threadFenceReduction, as
+// in grid_reduce_last_block): call after this block's partials are written. True in every
+// thread of the block that arrives last; that block resets the counter for the next launch.
+__device__ __forceinline__ bool arrive_last(unsigned* counter, unsigned splits) {
+  bool last = false;
+  __syncthreads();  // every thread's partial is written
+  if (block_thread_rank() == 0) {
+    __threadfence();
+    last = atomicAdd(counter, 1u) == splits - 1;
+  }
+  last = __syncthreads_or(last);
+  if (last) {
+    __threadfence();
+    if (block_thread_rank() == 0) *counter = 0;
+  }
+  return last;
+}
+
+// The end of a reduction split over `splits` blocks per channel, 1-D blocks: block `split` of channel c
+// reduces its value v; with one split it is the total, else each block writes its partial to
+// partials[c * splits + split] and the last block of the channel to arrive (counters[c]) merges them in
+// split order. finish(total) runs in thread 0 of the block holding the total.
+template <typename T, typename Op, typename I, typename Finish>
+__device__ __forceinline__ void split_reduce_block(T v, Op op, T* scratch, T* partials, unsigned* counters, I c,
+                                                   unsigned split, unsigned splits, Finish finish) {
+  v = block_reduce(v, op, scratch);
+  if (splits > 1) {
+    if (block_thread_rank() == 0) partials[c * splits + split] = v;
+    if (!arrive_last(counters + c, splits)) return;
+    v = merge_partials_block(partials + c * splits, 1, splits, op, scratch);
+  }
+  if (block_thread_rank() == 0) finish(v);
+}
+
+// The same for 2-D blocks whose column threads hold W lanes (channels c0 .. c0 + W - 1 of C; `active` when
+// the column has channels), already reduced over threadIdx.y (reduce_y: totals in threadIdx.y == 0; each
+// lane is reduced as soon as it is made, which keeps register pressure down): partials[split * C + c], one
+// counter per block column group (counters[blockIdx.x]). finish(v, total) runs in threadIdx.y == 0 of
+// active columns.
+template <int W, typename T, typename Op, typename I, typename Finish>
+__device__ __forceinline__ void split_merge_y(const T (&lanes)[W], Op op, T* smem, T* partials, unsigned* counters,
+                                              I C, I c0, bool active, unsigned split, unsigned splits, Finish finish) {
+  const bool leader = active && threadIdx.y == 0;
+  if (splits == 1) {
+    if (leader)
+#pragma unroll
+      for (int v = 0; v < W; ++v) finish(v, lanes[v]);
+    return;
+  }
+  if (leader)
+#pragma unroll
+    for (int v = 0; v < W; ++v) partials[static_cast<int64_t>(split) * C + c0 + v] = lanes[v];
+  if (!arrive_last(counters + blockIdx.x, splits)) return;
+#pragma unroll
+  for (int v = 0; v < W; ++v) {
+    const T total = merge_partials_y(partials + (active ? c0 + v : 0), C, splits, active, op, smem);
+    if (leader) finish(v, total);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ __device__ __forceinline__ void normalize_units(const scalar_t* __restrict__ x, 
 // before it read the old value).
 template <typename scalar_t, typename param_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kMaxThreads)
-    normalize_planes_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
-                            scalar_t* __restrict__ y, PlanesGeom<index_t> g, NormParams<param_t, acc_t> params,
+    normalize_planes_kernel(PlanesGeom<index_t> g, const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
+                            scalar_t* __restrict__ y, NormParams<param_t, acc_t> params,
                             int64_t* num_batches_tracked, bool relu) {
   const index_t c = blockIdx.x;
   const unsigned split = blockIdx.y, splits = gridDim.y;
@@ -52,8 +52,8 @@ __global__ void __launch_bounds__(kMaxThreads)
 // keeps the coefficients of its W channels and walks rows split*ty + threadIdx.y, step splits*ty.
 template <typename scalar_t, typename param_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kMaxThreads)
-    normalize_rows_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res, scalar_t* __restrict__ y,
-                          RowsGeom<index_t> g, NormParams<param_t, acc_t> params, int64_t* num_batches_tracked,
+    normalize_rows_kernel(RowsGeom<index_t> g, const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
+                          scalar_t* __restrict__ y, NormParams<param_t, acc_t> params, int64_t* num_batches_tracked,
                           bool relu) {
   if (num_batches_tracked != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && threadIdx.y == 0)
     *num_batches_tracked += 1;
@@ -81,41 +81,27 @@ __global__ void __launch_bounds__(kMaxThreads)
 // increments num_batches_tracked after the barrier (every read of it came before).
 template <typename scalar_t, typename param_t, typename acc_t, typename index_t, int kBytes>
 __global__ void __launch_bounds__(kMaxThreads)
-    persistent_forward_planes_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
-                                     scalar_t* __restrict__ y, PlanesGeom<index_t> g, index_t C, unsigned rounds,
-                                     StatsOut<param_t, acc_t> out, NormParams<param_t, acc_t> params,
-                                     Welford<acc_t>* partials, int64_t* num_batches_tracked, bool relu) {
+    persistent_forward_planes_kernel(PlanesGeom<index_t> g, index_t C, unsigned rounds, Welford<acc_t>* partials,
+                                     const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
+                                     scalar_t* __restrict__ y, StatsOut<param_t, acc_t> out,
+                                     NormParams<param_t, acc_t> params, int64_t* num_batches_tracked, bool relu) {
   __shared__ Welford<acc_t> scratch[32];
-  const unsigned gc = gridDim.x, split = blockIdx.y, splits = gridDim.y;
+  const unsigned split = blockIdx.y, splits = gridDim.y;
   const double factor = out.factor();
   with_width<scalar_t>(g.vec, [&](auto width) {
     constexpr int W = decltype(width)::value;
     constexpr int kSlots = kBytes / static_cast<int>(sizeof(scalar_t) * W);
     const int per_round = kSlots / static_cast<int>(rounds);
     Pack<scalar_t, W> buf[kSlots];
-    for (unsigned r = 0; r < rounds; ++r) {
-      const index_t c = static_cast<index_t>(blockIdx.x + r * gc);
-      if (c >= C) break;  // block-uniform
-      const acc_t shift = static_cast<acc_t>(x[c * g.S]);
-      acc_t a1[W], a2[W];
-#pragma unroll
-      for (int v = 0; v < W; ++v) a1[v] = a2[v] = acc_t(0);
+    for_each_round(C, rounds, [&](unsigned r, index_t c) {
+      acc_t shift[W], a1[W], a2[W];
+      init_shifted<W>(static_cast<acc_t>(x[c * g.S]), shift, a1, a2);
       index_t count = 0;
-#pragma unroll
-      for (int k = 0; k < kSlots; ++k) {
-        if (k / per_round != static_cast<int>(r)) continue;
-        const index_t u = (static_cast<index_t>(k % per_round) * splits + split) * blockDim.x + threadIdx.x;
-        if (u < g.units) {
-          buf[k] = load_pack<W>(x + g.template offset<W>(c, u));
-#pragma unroll
-          for (int v = 0; v < W; ++v) {
-            const acc_t d = static_cast<acc_t>(buf[k].val[v]) - shift;
-            a1[v] += d;
-            a2[v] = fma_acc(d, d, a2[v]);
-          }
-          ++count;
-        }
-      }
+      for_each_slot<kSlots>(g.units, r, per_round, [&](int s, index_t u) {
+        buf[s] = load_pack<W>(x + g.template offset<W>(c, u));
+        add_shifted<W>(buf[s], shift, a1, a2);
+        ++count;
+      });
       acc_t s1 = 0, s2 = 0;
 #pragma unroll
       for (int v = 0; v < W; ++v) {
@@ -125,11 +111,9 @@ __global__ void __launch_bounds__(kMaxThreads)
       const Welford<acc_t> w = block_reduce(welford_from_shifted(s1, s2, int64_t(count) * W),
                                             WelfordOp<acc_t>(), scratch);
       if (threadIdx.x == 0) partials[c * splits + split] = w;
-    }
+    });
     grid_sync();
-    for (unsigned r = 0; r < rounds; ++r) {
-      const index_t c = static_cast<index_t>(blockIdx.x + r * gc);
-      if (c >= C) break;
+    for_each_round(C, rounds, [&](unsigned r, index_t c) {
       const acc_t shift = static_cast<acc_t>(x[c * g.S]);
       const Welford<acc_t> w =
           unshift(merge_partials_block(partials + c * splits, 1, splits, WelfordOp<acc_t>(), scratch), shift);
@@ -138,16 +122,11 @@ __global__ void __launch_bounds__(kMaxThreads)
       k[0] = params.get(c, w.mean, out.invstd(w));
 #pragma unroll
       for (int v = 1; v < W; ++v) k[v] = k[0];
-#pragma unroll
-      for (int s = 0; s < kSlots; ++s) {
-        if (s / per_round != static_cast<int>(r)) continue;
-        const index_t u = (static_cast<index_t>(s % per_round) * splits + split) * blockDim.x + threadIdx.x;
-        if (u < g.units) {
-          const index_t off = g.template offset<W>(c, u);
-          normalize_units<W>(x + off, res != nullptr ? res + off : nullptr, y + off, buf[s], k, relu);
-        }
-      }
-    }
+      for_each_slot<kSlots>(g.units, r, per_round, [&](int s, index_t u) {
+        const index_t off = g.template offset<W>(c, u);
+        normalize_units<W>(x + off, res != nullptr ? res + off : nullptr, y + off, buf[s], k, relu);
+      });
+    });
   });
   if (num_batches_tracked != nullptr && blockIdx.x == 0 && split == 0 && threadIdx.x == 0) *num_batches_tracked += 1;
 }
@@ -158,9 +137,9 @@ __global__ void __launch_bounds__(kMaxThreads)
 // tile in split order; the coefficients go through shared memory to the whole block.
 template <typename scalar_t, typename param_t, typename acc_t, typename index_t, int kBytes>
 __global__ void __launch_bounds__(kMaxThreads)
-    persistent_forward_rows_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
-                                   scalar_t* __restrict__ y, RowsGeom<index_t> g, StatsOut<param_t, acc_t> out,
-                                   NormParams<param_t, acc_t> params, Welford<acc_t>* partials,
+    persistent_forward_rows_kernel(RowsGeom<index_t> g, Welford<acc_t>* partials, const scalar_t* __restrict__ x,
+                                   const scalar_t* __restrict__ res, scalar_t* __restrict__ y,
+                                   StatsOut<param_t, acc_t> out, NormParams<param_t, acc_t> params,
                                    int64_t* num_batches_tracked, bool relu) {
   Welford<acc_t>* smem = dynamic_shared<Welford<acc_t>>();
   Coef<acc_t>* coefs = reinterpret_cast<Coef<acc_t>*>(smem + blockDim.x * blockDim.y);
@@ -180,20 +159,11 @@ __global__ void __launch_bounds__(kMaxThreads)
       const auto first = load_pack<W>(x + c0);
 #pragma unroll
       for (int v = 0; v < W; ++v) shift[v] = static_cast<acc_t>(first.val[v]);
-#pragma unroll
-      for (int s = 0; s < kSlots; ++s) {
-        const index_t r = (static_cast<index_t>(s) * splits + split) * blockDim.y + threadIdx.y;
-        if (r < g.R) {
-          buf[s] = load_pack<W>(x + r * g.C + c0);
-#pragma unroll
-          for (int v = 0; v < W; ++v) {
-            const acc_t d = static_cast<acc_t>(buf[s].val[v]) - shift[v];
-            a1[v] += d;
-            a2[v] = fma_acc(d, d, a2[v]);
-          }
-          ++count;
-        }
-      }
+      for_each_row_slot<kSlots>(g.R, [&](int s, index_t r) {
+        buf[s] = load_pack<W>(x + r * g.C + c0);
+        add_shifted<W>(buf[s], shift, a1, a2);
+        ++count;
+      });
     }
 #pragma unroll
     for (int v = 0; v < W; ++v) {
@@ -216,14 +186,10 @@ __global__ void __launch_bounds__(kMaxThreads)
     Coef<acc_t> k[W];
 #pragma unroll
     for (int v = 0; v < W; ++v) k[v] = coefs[threadIdx.x * W + v];
-#pragma unroll
-    for (int s = 0; s < kSlots; ++s) {
-      const index_t r = (static_cast<index_t>(s) * splits + split) * blockDim.y + threadIdx.y;
-      if (r < g.R) {
-        const index_t off = r * g.C + c0;
-        normalize_units<W>(x + off, res != nullptr ? res + off : nullptr, y + off, buf[s], k, relu);
-      }
-    }
+    for_each_row_slot<kSlots>(g.R, [&](int s, index_t r) {
+      const index_t off = r * g.C + c0;
+      normalize_units<W>(x + off, res != nullptr ? res + off : nullptr, y + off, buf[s], k, relu);
+    });
   });
   if (num_batches_tracked != nullptr && blockIdx.x == 0 && split == 0 && threadIdx.x == 0 && threadIdx.y == 0)
     *num_batches_tracked += 1;
@@ -234,24 +200,13 @@ __global__ void __launch_bounds__(kMaxThreads)
 template <typename S, typename P, typename A>
 void launch_normalize(const Geometry& g, const at::Tensor& input, const S* x, const S* res, S* y,
                       const NormParams<P, A>& params, int64_t* num_batches_tracked, bool relu) {
-  BOOL_SWITCH(g.idx64, kIdx64, [&] {
-    using index_t = index_type<kIdx64>;
-    if (g.layout == Layout::kPlanes) {
-      const auto pg = planes_geom<index_t, S>(g);
-      auto kernel = normalize_planes_kernel<S, P, A, index_t>;
-      const unsigned threads = planes_threads(pg.units);
-      const unsigned splits = planes_splits(pg.units, g.C, threads, max_cooperative_blocks(kernel, threads, 0));
-      launch(kernel, dim3(static_cast<unsigned>(g.C), splits), dim3(threads), 0, current_stream(), x, res, y, pg,
-             params, num_batches_tracked, relu);
-    } else {
-      const auto rg = rows_geom<index_t, S>(g);
-      auto kernel = normalize_rows_kernel<S, P, A, index_t>;
-      RowsConfig cfg = rows_shape(g.R, g.C, rg.vec);
-      rows_splits(cfg, g.R, max_cooperative_blocks(kernel, cfg.threads(), 0));
-      launch(kernel, dim3(cfg.tiles, cfg.splits), dim3(cfg.tx, cfg.ty), 0, current_stream(), x, res, y, rg, params,
-             num_batches_tracked, relu);
-    }
-  });
+  launch_grid_stride<S, void>(
+      g, input,
+      [](auto index) {
+        using index_t = decltype(index);
+        return std::make_pair(normalize_planes_kernel<S, P, A, index_t>, normalize_rows_kernel<S, P, A, index_t>);
+      },
+      x, res, y, params, num_batches_tracked, relu);
 }
 
 template <typename S, typename P, typename A>
@@ -259,41 +214,9 @@ bool launch_persistent_forward(const Geometry& g, const at::Tensor& input, const
                                const StatsOut<P, A>& out, const NormParams<P, A>& params,
                                int64_t* num_batches_tracked, bool relu) {
   constexpr int kBytes = kPersistentForwardBytes;
-  // A tensor that fits on chip always has 32-bit offsets: no 64-bit instantiation.
-  if (g.idx64) return false;
-  using index_t = int32_t;
-  return [&] {
-    if (g.layout == Layout::kPlanes) {
-      const auto pg = planes_geom<index_t, S>(g);
-      const int64_t slots = kBytes / (int64_t(sizeof(S)) * pg.vec);
-      auto kernel = persistent_forward_planes_kernel<S, P, A, index_t, kBytes>;
-      PersistentPlanes shape;
-      // The rounds are bounded by the slot count of the vector width (kBytes / 16).
-      if (!persistent_planes_shape(pg.units, g.C, slots, kBytes / 16,
-                                   [&](unsigned t) { return int64_t(max_cooperative_blocks(kernel, t, 0)); }, shape))
-        return false;
-      const unsigned threads = shape.threads;
-      const int64_t gc = shape.gc, rounds = shape.rounds, splits = shape.splits;
-      at::Tensor partials = scratch_bytes(input, g.C * splits * int64_t(sizeof(Welford<A>)));
-      launch_cooperative(kernel, dim3(static_cast<unsigned>(gc), static_cast<unsigned>(splits)), dim3(threads), 0,
-                         current_stream(), x, res, y, pg, static_cast<index_t>(g.C), static_cast<unsigned>(rounds), out,
-                         params, reinterpret_cast<Welford<A>*>(partials.data_ptr()), num_batches_tracked, relu);
-      return true;
-    }
-    const auto rg = rows_geom<index_t, S>(g);
-    const int64_t slots = kBytes / (int64_t(sizeof(S)) * rg.vec);
-    auto kernel = persistent_forward_rows_kernel<S, P, A, index_t, kBytes>;
-    RowsConfig cfg = rows_shape(g.R, g.C, rg.vec);
-    const size_t smem = cfg.threads() * sizeof(Welford<A>) + cfg.tx * kPackSize<S> * sizeof(Coef<A>);
-    const int64_t resident = max_cooperative_blocks(kernel, cfg.threads(), smem);
-    const int64_t splits = div_up(g.R, int64_t(cfg.ty) * slots);
-    if (int64_t(cfg.tiles) * splits > resident) return false;
-    at::Tensor partials = scratch_bytes(input, g.C * splits * int64_t(sizeof(Welford<A>)));
-    launch_cooperative(kernel, dim3(cfg.tiles, static_cast<unsigned>(splits)), dim3(cfg.tx, cfg.ty), smem,
-                       current_stream(), x, res, y, rg, out, params, reinterpret_cast<Welford<A>*>(partials.data_ptr()),
-                       num_batches_tracked, relu);
-    return true;
-  }();
+  return launch_persistent<S, Welford<A>, Coef<A>, kBytes>(
+      g, input, persistent_forward_planes_kernel<S, P, A, int32_t, kBytes>,
+      persistent_forward_rows_kernel<S, P, A, int32_t, kBytes>, x, res, y, out, params, num_batches_tracked, relu);
 }
 
 #define FASTBN_INSTANTIATE_FORWARD(S, P, A)                                                                    \

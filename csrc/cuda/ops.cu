@@ -120,6 +120,10 @@ void set_alignment(Geometry& g, std::initializer_list<const void*> pointers) {
 }
 
 template <typename T>
+T* data(const Tensor& t) {
+  return static_cast<T*>(t.data_ptr());
+}
+template <typename T>
 const T* ptr_or_null(const OptTensor& t) {
   return defined(t) ? static_cast<const T*>(t->data_ptr()) : nullptr;
 }
@@ -130,6 +134,37 @@ ChannelIn<T> channel_in(const OptTensor& t) {
 template <typename T>
 ChannelIn<T> channel_in(const Tensor& t) {
   return ChannelIn<T>{static_cast<const T*>(t.data_ptr()), t.stride(0)};
+}
+
+// Normalize coefficients from saved (or all-reduced) statistics; eval sets from_running instead.
+template <typename P, typename A>
+NormParams<P, A> norm_params(const OptTensor& mean, const OptTensor& invstd, const OptTensor& weight,
+                             const OptTensor& bias) {
+  NormParams<P, A> params{};
+  params.mean = channel_in<A>(mean);
+  params.invstd = channel_in<A>(invstd);
+  params.from_running = false;
+  params.weight = channel_in<P>(weight);
+  params.bias = channel_in<P>(bias);
+  return params;
+}
+
+// Backward coefficients (without the mean terms) and the matching reduction epilogue (without outputs).
+template <typename P, typename A>
+BwdParams<P, A> bwd_params(const Tensor& mean, const Tensor& invstd, const OptTensor& weight, const OptTensor& bias) {
+  BwdParams<P, A> params{};
+  params.mean = channel_in<A>(mean);
+  params.invstd = channel_in<A>(invstd);
+  params.weight = channel_in<P>(weight);
+  params.bias = channel_in<P>(bias);
+  return params;
+}
+template <typename P, typename A>
+BwdReduceOut<P, A> bwd_reduce_out(const BwdParams<P, A>& params, int64_t m) {
+  BwdReduceOut<P, A> out{};
+  out.invstd = params.invstd;
+  out.m = m;
+  return out;
 }
 
 // A result computed on a contiguous copy, in a fresh tensor of the original input's memory format.
@@ -170,9 +205,9 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
   const auto param = param_dtype(input, {&weight, &bias, &running_mean, &running_var});
   int64_t* nbt = defined(num_batches_tracked) ? num_batches_tracked->data_ptr<int64_t>() : nullptr;
   FASTBN_DISPATCH(input.scalar_type(), param, "fastbn_forward_train", [&] {
-    const scalar_t* x = static_cast<const scalar_t*>(input.data_ptr());
+    const scalar_t* x = data<const scalar_t>(input);
     const scalar_t* r = ptr_or_null<scalar_t>(res);
-    scalar_t* y = static_cast<scalar_t*>(output.data_ptr());
+    scalar_t* y = data<scalar_t>(output);
     set_alignment<scalar_t>(g, {x, r, y});
     StatsOut<param_t, acc_t> out{};
     out.mean = save_mean.data_ptr<acc_t>();
@@ -189,12 +224,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
     out.num_batches_tracked = nbt;
     out.has_momentum = momentum.has_value();
     out.momentum = momentum.value_or(0.0);
-    NormParams<param_t, acc_t> params{};
-    params.mean = channel_in<acc_t>(save_mean);
-    params.invstd = channel_in<acc_t>(save_invstd);
-    params.from_running = false;
-    params.weight = channel_in<param_t>(weight);
-    params.bias = channel_in<param_t>(bias);
+    const auto params = norm_params<param_t, acc_t>(save_mean, save_invstd, weight, bias);
     if (path_choice() != PathChoice::kTwoPass &&
         launch_persistent_forward<scalar_t, param_t, acc_t>(g, input, x, r, y, out, params, nbt, relu))
       return;
@@ -218,17 +248,15 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
   const OptTensor rm(running_mean), rv(running_var);
   const auto param = param_dtype(input, {&weight, &bias, &rm, &rv});
   FASTBN_DISPATCH(input.scalar_type(), param, "fastbn_forward_eval", [&] {
-    const scalar_t* x = static_cast<const scalar_t*>(input.data_ptr());
+    const scalar_t* x = data<const scalar_t>(input);
     const scalar_t* r = ptr_or_null<scalar_t>(res);
-    scalar_t* y = static_cast<scalar_t*>(output.data_ptr());
+    scalar_t* y = data<scalar_t>(output);
     set_alignment<scalar_t>(g, {x, r, y});
-    NormParams<param_t, acc_t> params{};
+    auto params = norm_params<param_t, acc_t>(none(), none(), weight, bias);
     params.rmean = channel_in<param_t>(running_mean);
     params.rvar = channel_in<param_t>(running_var);
     params.from_running = true;
     params.eps = eps;
-    params.weight = channel_in<param_t>(weight);
-    params.bias = channel_in<param_t>(bias);
     launch_normalize<scalar_t, param_t, acc_t>(g, input, x, r, y, params, nullptr, relu);
   });
   return output;
@@ -260,22 +288,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
   const Tensor dy = in_layout(g, input, grad_output);
   const OptTensor res = relu ? in_layout(g, input, residual) : none();
   FASTBN_DISPATCH(input.scalar_type(), param, "fastbn_backward", [&] {
-    const scalar_t* x = static_cast<const scalar_t*>(input.data_ptr());
-    const scalar_t* d = static_cast<const scalar_t*>(dy.data_ptr());
+    const scalar_t* x = data<const scalar_t>(input);
+    const scalar_t* d = data<const scalar_t>(dy);
     const scalar_t* r = ptr_or_null<scalar_t>(res);
     scalar_t* dxp = need_dx ? static_cast<scalar_t*>(dx.data_ptr()) : nullptr;
     scalar_t* drp = need_dr ? static_cast<scalar_t*>(dr.data_ptr()) : nullptr;
     set_alignment<scalar_t>(g, {x, d, r, dxp, drp});
-    BwdParams<param_t, acc_t> params{};
-    params.mean = channel_in<acc_t>(mean);
-    params.invstd = channel_in<acc_t>(invstd);
-    params.weight = channel_in<param_t>(weight);
-    params.bias = channel_in<param_t>(bias);
-    BwdReduceOut<param_t, acc_t> out{};
-    out.invstd = params.invstd;
+    auto params = bwd_params<param_t, acc_t>(mean, invstd, weight, bias);
+    auto out = bwd_reduce_out(params, g.m);
     out.grad_weight = need_dw ? static_cast<param_t*>(dw.data_ptr()) : nullptr;
     out.grad_bias = need_db ? static_cast<param_t*>(db.data_ptr()) : nullptr;
-    out.m = g.m;
     if (training && need_dx && path_choice() != PathChoice::kTwoPass &&
         launch_persistent_backward<scalar_t, param_t, acc_t>(g, input, d, x, r, dxp, drp, params, out, relu))
       return;
@@ -336,15 +358,11 @@ Tensor normalize(const Tensor& input, const Tensor& mean, const Tensor& invstd, 
   Tensor output = at::empty_like(input);
   const auto param = param_dtype(input, {&weight, &bias});
   FASTBN_DISPATCH(input.scalar_type(), param, "fastbn_normalize", [&] {
-    const scalar_t* x = static_cast<const scalar_t*>(input.data_ptr());
+    const scalar_t* x = data<const scalar_t>(input);
     const scalar_t* r = ptr_or_null<scalar_t>(res);
-    scalar_t* y = static_cast<scalar_t*>(output.data_ptr());
+    scalar_t* y = data<scalar_t>(output);
     set_alignment<scalar_t>(g, {x, r, y});
-    NormParams<param_t, acc_t> params{};
-    params.mean = channel_in<acc_t>(mean);
-    params.invstd = channel_in<acc_t>(invstd);
-    params.weight = channel_in<param_t>(weight);
-    params.bias = channel_in<param_t>(bias);
+    const auto params = norm_params<param_t, acc_t>(mean, invstd, weight, bias);
     launch_normalize<scalar_t, param_t, acc_t>(g, input, x, r, y, params, nullptr, relu);
   });
   return output;
@@ -367,20 +385,14 @@ std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_output, const Tens
   Tensor sum_dy_xhat = empty_channels(input, acc);
   const auto param = param_dtype(input, {&weight, &bias});
   FASTBN_DISPATCH(input.scalar_type(), param, "fastbn_backward_reduce", [&] {
-    const scalar_t* x = static_cast<const scalar_t*>(input.data_ptr());
-    const scalar_t* d = static_cast<const scalar_t*>(dy.data_ptr());
+    const scalar_t* x = data<const scalar_t>(input);
+    const scalar_t* d = data<const scalar_t>(dy);
     const scalar_t* r = ptr_or_null<scalar_t>(res);
     set_alignment<scalar_t>(g, {x, d, r});
-    BwdParams<param_t, acc_t> params{};
-    params.mean = channel_in<acc_t>(mean);
-    params.invstd = channel_in<acc_t>(invstd);
-    params.weight = channel_in<param_t>(weight);
-    params.bias = channel_in<param_t>(bias);
-    BwdReduceOut<param_t, acc_t> out{};
-    out.invstd = params.invstd;
+    auto params = bwd_params<param_t, acc_t>(mean, invstd, weight, bias);
+    auto out = bwd_reduce_out(params, g.m);
     out.sum_dy = sum_dy.data_ptr<acc_t>();
     out.sum_dy_xhat = sum_dy_xhat.data_ptr<acc_t>();
-    out.m = g.m;
     launch_backward_reduce<scalar_t, param_t, acc_t>(g, input, d, x, r, params, out, relu);
   });
   return {sum_dy, sum_dy_xhat};
@@ -401,16 +413,12 @@ Tensor backward_elementwise(const Tensor& grad_output, const Tensor& input, cons
   Tensor dx = at::empty_like(input);
   const auto param = param_dtype(input, {&weight, &bias});
   FASTBN_DISPATCH(input.scalar_type(), param, "fastbn_backward_elementwise", [&] {
-    const scalar_t* x = static_cast<const scalar_t*>(input.data_ptr());
-    const scalar_t* d = static_cast<const scalar_t*>(dy.data_ptr());
+    const scalar_t* x = data<const scalar_t>(input);
+    const scalar_t* d = data<const scalar_t>(dy);
     const scalar_t* r = ptr_or_null<scalar_t>(res);
     scalar_t* dxp = static_cast<scalar_t*>(dx.data_ptr());
     set_alignment<scalar_t>(g, {x, d, r, dxp});
-    BwdParams<param_t, acc_t> params{};
-    params.mean = channel_in<acc_t>(mean);
-    params.invstd = channel_in<acc_t>(invstd);
-    params.weight = channel_in<param_t>(weight);
-    params.bias = channel_in<param_t>(bias);
+    auto params = bwd_params<param_t, acc_t>(mean, invstd, weight, bias);
     params.mean_dy = channel_in<acc_t>(mean_dy);
     params.mean_dy_xhat = channel_in<acc_t>(mean_dy_xhat);
     launch_backward_elementwise<scalar_t, param_t, acc_t>(g, input, d, x, r, dxp, nullptr, params, true, relu);

@@ -8,8 +8,10 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "cuda/bn_common.cuh"
 #include "dispatch.h"
@@ -153,6 +155,95 @@ bool persistent_planes_shape(int64_t units, int64_t C, int64_t slots, int64_t ma
 
 template <bool kIdx64>
 using index_type = std::conditional_t<kIdx64, int64_t, int32_t>;
+
+// ---------------------------------------------------------------------------------------------------
+// The two launch helpers of the kernel families: every launcher in stats.cu, forward.cu and backward.cu
+// goes through one of them, so the shape rules above are applied in one place.
+
+template <typename T>
+constexpr size_t kSizeOrZero = sizeof(T);
+template <>
+constexpr size_t kSizeOrZero<void> = 0;
+
+// kernel(geom, [partials, counters,] args...): a split reduction (Partial not void) also gets one Partial
+// per channel and split and `groups` zeroed last-block-done counters (placeholders without splits).
+template <typename Partial, typename Kernel, typename Geom, typename... Args>
+void launch_split(Kernel kernel, dim3 grid, dim3 block, size_t smem, const at::Tensor& input, int64_t C,
+                  int64_t groups, const Geom& geom, const Args&... args) {
+  if constexpr (std::is_void<Partial>::value) {
+    launch(kernel, grid, block, smem, current_stream(), geom, args...);
+  } else {
+    const bool split = grid.y > 1;
+    at::Tensor partials = scratch_bytes(input, split ? C * grid.y * int64_t(sizeof(Partial)) : 0);
+    at::Tensor counters = zero_counters(input, split ? groups : 0);
+    launch(kernel, grid, block, smem, current_stream(), geom, reinterpret_cast<Partial*>(partials.data_ptr()),
+           reinterpret_cast<unsigned*>(counters.data_ptr()), args...);
+  }
+}
+
+// Grid-stride (two-pass) kernels. The index width comes from g.idx64 and the kernel from
+// kernels(index_t{}), a pair (planes kernel, rows kernel). Planes: grid (C, splits), planes_threads threads;
+// rows: grid (tiles, splits), blocks (tx, ty), with tx*ty Partials of dynamic shared memory for reductions.
+template <typename S, typename Partial, typename Kernels, typename... Args>
+void launch_grid_stride(const Geometry& g, const at::Tensor& input, Kernels kernels, const Args&... args) {
+  BOOL_SWITCH(g.idx64, kIdx64, [&] {
+    using index_t = index_type<kIdx64>;
+    const auto k = kernels(index_t{});
+    if (g.layout == Layout::kPlanes) {
+      const auto pg = planes_geom<index_t, S>(g);
+      const unsigned threads = planes_threads(pg.units);
+      const unsigned splits = planes_splits(pg.units, g.C, threads, max_cooperative_blocks(k.first, threads, 0));
+      launch_split<Partial>(k.first, dim3(static_cast<unsigned>(g.C), splits), dim3(threads), 0, input, g.C, g.C, pg,
+                            args...);
+    } else {
+      const auto rg = rows_geom<index_t, S>(g);
+      RowsConfig cfg = rows_shape(g.R, g.C, rg.vec);
+      const size_t smem = cfg.threads() * kSizeOrZero<Partial>;
+      rows_splits(cfg, g.R, max_cooperative_blocks(k.second, cfg.threads(), smem));
+      launch_split<Partial>(k.second, dim3(cfg.tiles, cfg.splits), dim3(cfg.tx, cfg.ty), smem, input, g.C, cfg.tiles,
+                            rg, args...);
+    }
+  });
+}
+
+// Persistent (cooperative) kernels, 32-bit indexing only (a tensor that fits on chip always has 32-bit
+// offsets: no 64-bit instantiation): planes_kernel(geom, C, rounds, partials, args...) on the
+// persistent_planes_shape grid, or rows_kernel(geom, partials, args...) on grid (tiles, splits), blocks
+// (tx, ty), with tx*ty Partials and tx*W Coefs of dynamic shared memory; one Partial per channel and split.
+// False (nothing launched) when the grid would not be resident at once.
+template <typename S, typename Partial, typename Coefs, int kBytes, typename PlanesKernel, typename RowsKernel,
+          typename... Args>
+bool launch_persistent(const Geometry& g, const at::Tensor& input, PlanesKernel planes_kernel, RowsKernel rows_kernel,
+                       const Args&... args) {
+  using index_t = int32_t;
+  if (g.idx64) return false;
+  if (g.layout == Layout::kPlanes) {
+    const auto pg = planes_geom<index_t, S>(g);
+    const int64_t slots = kBytes / (int64_t(sizeof(S)) * pg.vec);
+    PersistentPlanes shape;
+    // The rounds are bounded by the slot count of the vector width (kBytes / 16).
+    if (!persistent_planes_shape(pg.units, g.C, slots, kBytes / 16,
+                                 [&](unsigned t) { return int64_t(max_cooperative_blocks(planes_kernel, t, 0)); },
+                                 shape))
+      return false;
+    at::Tensor partials = scratch_bytes(input, g.C * shape.splits * int64_t(sizeof(Partial)));
+    launch_cooperative(planes_kernel, dim3(static_cast<unsigned>(shape.gc), static_cast<unsigned>(shape.splits)),
+                       dim3(shape.threads), 0, current_stream(), pg, static_cast<index_t>(g.C),
+                       static_cast<unsigned>(shape.rounds), reinterpret_cast<Partial*>(partials.data_ptr()), args...);
+    return true;
+  }
+  const auto rg = rows_geom<index_t, S>(g);
+  const int64_t slots = kBytes / (int64_t(sizeof(S)) * rg.vec);
+  RowsConfig cfg = rows_shape(g.R, g.C, rg.vec);
+  const size_t smem = cfg.threads() * sizeof(Partial) + cfg.tx * kPackSize<S> * sizeof(Coefs);
+  const int64_t resident = max_cooperative_blocks(rows_kernel, cfg.threads(), smem);
+  const int64_t splits = div_up(g.R, int64_t(cfg.ty) * slots);
+  if (int64_t(cfg.tiles) * splits > resident) return false;
+  at::Tensor partials = scratch_bytes(input, g.C * splits * int64_t(sizeof(Partial)));
+  launch_cooperative(rows_kernel, dim3(cfg.tiles, static_cast<unsigned>(splits)), dim3(cfg.tx, cfg.ty), smem,
+                     current_stream(), rg, reinterpret_cast<Partial*>(partials.data_ptr()), args...);
+  return true;
+}
 
 // ---------------------------------------------------------------------------------------------------
 // Launchers (S = scalar_t, P = param_t, A = acc_t).

@@ -13,8 +13,8 @@ namespace {
 // the epilogue (saved statistics, running-stat update).
 template <typename scalar_t, typename param_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kMaxThreads)
-    stats_planes_kernel(const scalar_t* __restrict__ x, PlanesGeom<index_t> g, StatsOut<param_t, acc_t> out,
-                        Welford<acc_t>* partials, unsigned* counters) {
+    stats_planes_kernel(PlanesGeom<index_t> g, Welford<acc_t>* partials, unsigned* counters,
+                        const scalar_t* __restrict__ x, StatsOut<param_t, acc_t> out) {
   __shared__ Welford<acc_t> scratch[32];
   const index_t c = blockIdx.x;
   const unsigned split = blockIdx.y, splits = gridDim.y;
@@ -24,19 +24,12 @@ __global__ void __launch_bounds__(kMaxThreads)
   int64_t n = 0;
   with_width<scalar_t>(g.vec, [&](auto width) {
     constexpr int W = decltype(width)::value;
-    acc_t a1[W], a2[W];
-#pragma unroll
-    for (int v = 0; v < W; ++v) a1[v] = a2[v] = acc_t(0);
+    acc_t sh[W], a1[W], a2[W];
+    init_shifted<W>(shift, sh, a1, a2);
     index_t count = 0;
     const index_t step = static_cast<index_t>(splits) * blockDim.x;
     for (index_t u = static_cast<index_t>(split) * blockDim.x + threadIdx.x; u < g.units; u += step) {
-      const auto p = load_pack<W>(x + g.template offset<W>(c, u));
-#pragma unroll
-      for (int v = 0; v < W; ++v) {
-        const acc_t d = static_cast<acc_t>(p.val[v]) - shift;
-        a1[v] += d;
-        a2[v] = fma_acc(d, d, a2[v]);
-      }
+      add_shifted<W>(load_pack<W>(x + g.template offset<W>(c, u)), sh, a1, a2);
       ++count;
     }
 #pragma unroll
@@ -46,15 +39,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
     n = static_cast<int64_t>(count) * W;
   });
-  Welford<acc_t> w = block_reduce(welford_from_shifted(s1, s2, n), WelfordOp<acc_t>(), scratch);
-  if (splits == 1) {
-    if (threadIdx.x == 0) out.finalize(c, unshift(w, shift), factor);
-    return;
-  }
-  if (threadIdx.x == 0) partials[c * splits + split] = w;
-  if (!arrive_last(counters + c, splits)) return;
-  w = merge_partials_block(partials + c * splits, 1, splits, WelfordOp<acc_t>(), scratch);
-  if (threadIdx.x == 0) out.finalize(c, unshift(w, shift), factor);
+  split_reduce_block(welford_from_shifted(s1, s2, n), WelfordOp<acc_t>(), scratch, partials, counters, c, split,
+                     splits, [&](const Welford<acc_t>& w) { out.finalize(c, unshift(w, shift), factor); });
 }
 
 // Statistics, rows layout (channels_last, (N, C)).
@@ -64,8 +50,8 @@ __global__ void __launch_bounds__(kMaxThreads)
 // (integer counter per tile) merges the partials in split order and runs the epilogue.
 template <typename scalar_t, typename param_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kMaxThreads)
-    stats_rows_kernel(const scalar_t* __restrict__ x, RowsGeom<index_t> g, StatsOut<param_t, acc_t> out,
-                      Welford<acc_t>* partials, unsigned* counters) {
+    stats_rows_kernel(RowsGeom<index_t> g, Welford<acc_t>* partials, unsigned* counters,
+                      const scalar_t* __restrict__ x, StatsOut<param_t, acc_t> out) {
   Welford<acc_t>* smem = dynamic_shared<Welford<acc_t>>();
   const unsigned split = blockIdx.y, splits = gridDim.y;
   const double factor = out.factor();
@@ -83,13 +69,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       for (int v = 0; v < W; ++v) shift[v] = static_cast<acc_t>(first.val[v]);
       const index_t step = static_cast<index_t>(splits) * blockDim.y;
       for (index_t r = static_cast<index_t>(split) * blockDim.y + threadIdx.y; r < g.R; r += step) {
-        const auto p = load_pack<W>(x + r * g.C + c0);
-#pragma unroll
-        for (int v = 0; v < W; ++v) {
-          const acc_t d = static_cast<acc_t>(p.val[v]) - shift[v];
-          a1[v] += d;
-          a2[v] = fma_acc(d, d, a2[v]);
-        }
+        add_shifted<W>(load_pack<W>(x + r * g.C + c0), shift, a1, a2);
         ++count;
       }
     }
@@ -97,23 +77,8 @@ __global__ void __launch_bounds__(kMaxThreads)
 #pragma unroll
     for (int v = 0; v < W; ++v)
       lanes[v] = reduce_y(welford_from_shifted(a1[v], a2[v], int64_t(count)), WelfordOp<acc_t>(), smem);
-    const bool leader = active && threadIdx.y == 0;
-    if (splits == 1) {
-      if (leader)
-#pragma unroll
-        for (int v = 0; v < W; ++v) out.finalize(c0 + v, unshift(lanes[v], shift[v]), factor);
-      return;
-    }
-    if (leader)
-#pragma unroll
-      for (int v = 0; v < W; ++v) partials[static_cast<int64_t>(split) * g.C + c0 + v] = lanes[v];
-    if (!arrive_last(counters + blockIdx.x, splits)) return;
-#pragma unroll
-    for (int v = 0; v < W; ++v) {
-      const Welford<acc_t> total =
-          merge_partials_y(partials + (active ? c0 + v : 0), g.C, splits, active, WelfordOp<acc_t>(), smem);
-      if (leader) out.finalize(c0 + v, unshift(total, shift[v]), factor);
-    }
+    split_merge_y(lanes, WelfordOp<acc_t>(), smem, partials, counters, g.C, c0, active, split, splits,
+                  [&](int v, const Welford<acc_t>& w) { out.finalize(c0 + v, unshift(w, shift[v]), factor); });
   });
 }
 
@@ -121,32 +86,13 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 template <typename S, typename P, typename A>
 void launch_stats(const Geometry& g, const at::Tensor& input, const StatsOut<P, A>& out) {
-  const S* x = static_cast<const S*>(input.data_ptr());
-  BOOL_SWITCH(g.idx64, kIdx64, [&] {
-    using index_t = index_type<kIdx64>;
-    if (g.layout == Layout::kPlanes) {
-      const auto pg = planes_geom<index_t, S>(g);
-      auto kernel = stats_planes_kernel<S, P, A, index_t>;
-      const unsigned threads = planes_threads(pg.units);
-      const unsigned splits = planes_splits(pg.units, g.C, threads, max_cooperative_blocks(kernel, threads, 0));
-      at::Tensor partials = scratch_bytes(input, splits > 1 ? g.C * splits * int64_t(sizeof(Welford<A>)) : 0);
-      at::Tensor counters = zero_counters(input, splits > 1 ? g.C : 0);
-      launch(kernel, dim3(static_cast<unsigned>(g.C), splits), dim3(threads), 0, current_stream(), x, pg, out,
-             reinterpret_cast<Welford<A>*>(partials.data_ptr()),
-             reinterpret_cast<unsigned*>(counters.data_ptr()));
-    } else {
-      const auto rg = rows_geom<index_t, S>(g);
-      auto kernel = stats_rows_kernel<S, P, A, index_t>;
-      RowsConfig cfg = rows_shape(g.R, g.C, rg.vec);
-      const size_t smem = cfg.threads() * sizeof(Welford<A>);
-      rows_splits(cfg, g.R, max_cooperative_blocks(kernel, cfg.threads(), smem));
-      at::Tensor partials = scratch_bytes(input, cfg.splits > 1 ? g.C * cfg.splits * int64_t(sizeof(Welford<A>)) : 0);
-      at::Tensor counters = zero_counters(input, cfg.splits > 1 ? cfg.tiles : 0);
-      launch(kernel, dim3(cfg.tiles, cfg.splits), dim3(cfg.tx, cfg.ty), smem, current_stream(), x, rg, out,
-             reinterpret_cast<Welford<A>*>(partials.data_ptr()),
-             reinterpret_cast<unsigned*>(counters.data_ptr()));
-    }
-  });
+  launch_grid_stride<S, Welford<A>>(
+      g, input,
+      [](auto index) {
+        using index_t = decltype(index);
+        return std::make_pair(stats_planes_kernel<S, P, A, index_t>, stats_rows_kernel<S, P, A, index_t>);
+      },
+      static_cast<const S*>(input.data_ptr()), out);
 }
 
 #define FASTBN_INSTANTIATE_STATS(S, P, A) \

@@ -316,7 +316,7 @@ def test_multi_block_reductions(emu, cpu, monkeypatch, shape, fmt):
 
 @pytest.mark.parametrize("resident", [16, 2], ids=["one-round", "rounds"])
 @pytest.mark.parametrize("shape,fmt,dtype", [
-    ((16, 3, 16, 16), "contiguous", torch.float32),
+    ((8, 3, 16, 16), "contiguous", torch.float32),
     ((4, 3, 5, 5), "contiguous", torch.bfloat16),
     ((64, 8, 2, 2), "channels_last", torch.float32),
     ((16, 5, 2, 3), "channels_last", torch.float16),
