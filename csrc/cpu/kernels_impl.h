@@ -3,8 +3,9 @@
 // FASTBN_CPU_CAP naming the namespace the copy lives in (so copies never collide at link time).
 //
 // Passes over memory (E = numel × element size):
-//   stats                 1E read. Tiles of ≤ kTile values are reduced exactly in two passes (the second
-//                         from L2), the partials folded per channel with Chan's merge in double.
+//   stats                 1E read. kPlanes: tiles of ≤ kTile values reduced exactly in two passes (the second
+//                         from L2); kRows: one pass of shifted sums per (row block × channel block) tile. The
+//                         per-tile partials are folded per channel with Chan's merge in double.
 //   normalize             1E read + 1E write (+1E read of the residual).
 //   backward_reduce       2E read (x, dy) (+1E residual when the ReLU mask needs it).
 //   backward_elementwise  2E read + 1E write (dy only when eval without ReLU: 1E + 1E; +1E for g_out).
@@ -157,6 +158,37 @@ inline void run_sum(const scalar_t* p, int64_t n, Vectorized<at::opmath_type<sca
   acc = acc + (a0 + a1);
 }
 
+// Folds per-slot (count, mean, m2) partials of every channel into a.mean / a.m2 with Chan et al.'s parallel
+// variance merge in double, slot by slot in a fixed order (results do not depend on the thread count). A slot's
+// count is the same for all its channels, so the merge weights are computed once per slot and the loop over
+// channels has no division (it vectorises).
+template <typename part_t, typename acc_t, typename Count>
+void merge_partials(int64_t slots, int64_t C, Count&& count, const part_t* part_mean, const part_t* part_m2,
+                    acc_t* out_mean, acc_t* out_m2) {
+  at::parallel_for(0, C, std::max<int64_t>(1, 16384 / slots), [&](int64_t begin, int64_t end) {
+    const int64_t nc = end - begin;
+    std::vector<double> mean(part_mean + begin, part_mean + end), m2(part_m2 + begin, part_m2 + end);
+    int64_t n = count(0);
+    for (int64_t j = 1; j < slots; ++j) {
+      const int64_t n_b = count(j);
+      if (n_b == 0) continue;
+      const double frac_b = double(n_b) / double(n + n_b), w = double(n) * frac_b;
+      const part_t* pm = part_mean + j * C + begin;
+      const part_t* pq = part_m2 + j * C + begin;
+      for (int64_t c = 0; c < nc; ++c) {
+        const double delta = double(pm[c]) - mean[c];
+        mean[c] = mean[c] + delta * frac_b;
+        m2[c] = m2[c] + double(pq[c]) + delta * delta * w;
+      }
+      n += n_b;
+    }
+    for (int64_t c = 0; c < nc; ++c) {
+      out_mean[begin + c] = static_cast<acc_t>(mean[c]);
+      out_m2[begin + c] = static_cast<acc_t>(m2[c]);
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Statistics. Per tile and channel, an exact two-pass (the tile is ≤ kTile values, so the second pass reads
 // cache); the first pass sums x - (the channel's first value in the tile), so a large mean (1e4 + randn) does
@@ -219,27 +251,25 @@ void stats_planes(const StatsArgs<scalar_t>& a) {
     }
   });
 
-  const int64_t slots = pt.slots();
-  at::parallel_for(0, C, std::max<int64_t>(1, 4096 / slots), [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      int64_t n = 0;
-      double mean = 0, m2 = 0;
-      for (int64_t j = 0; j < slots; ++j) chan_merge<double>(n, mean, m2, pt.slot_count(j), part_mean[j * C + c], part_m2[j * C + c]);
-      a.mean[c] = static_cast<acc_t>(mean);
-      a.m2[c] = static_cast<acc_t>(m2);
-    }
-  });
+  merge_partials(pt.slots(), C, [&](int64_t slot) { return pt.slot_count(slot); }, part_mean.data(), part_m2.data(),
+                 a.mean, a.m2);
 }
 
-// kRows reductions: tiles of rows [r0, r1) × channels [c0, c1). Inside a tile, NV vectors of channels at a
-// time walk down the rows with their accumulators in registers (ATen's channels-last reductions also
-// vectorise along C; here the tile bounds the float accumulation runs and keeps the second pass in cache).
+// kRows reductions: tiles of rows [r0, r1) × channels [c0, c1) (c1 - c0 ≤ kRowChannels, so a tile's per-channel
+// accumulators stay in L1). A tile is read in memory order, kRowGroup rows at a time: each accumulator vector is
+// loaded and stored once per group of rows, and the rows stream sequentially (walking one channel vector down
+// the rows instead would stride by the row length, 4 KiB and more at 1024+ channels, defeating L1 and the
+// prefetchers). ATen's channels-last reductions also vectorise along C with per-row-block partials.
+constexpr int64_t kRowChannels = 1024;
+constexpr int kRowGroup = 4;
+
 struct RowTiles {
   int64_t R, C, cw, cblocks, B, rblocks;
   explicit RowTiles(const Geometry& g) : R(g.N), C(g.C) {
-    cw = C <= 512 ? C : 256;
+    cw = std::min<int64_t>(C, kRowChannels);
     cblocks = div_up(C, cw);
-    B = std::clamp<int64_t>(2 * kTile / cw, 1, R);
+    B = std::clamp<int64_t>(4 * kTile / cw, 16, 1024);
+    B = std::min(B, R);
     rblocks = div_up(R, B);
   }
   int64_t items() const { return rblocks * cblocks; }
@@ -255,16 +285,18 @@ struct RowTiles {
   int64_t count(int64_t rb) const { return std::min(R, rb * B + B) - rb * B; }
 };
 
-// Walks channels [c0, c1) in groups of NV vectors, then single vectors, then scalar channels.
-template <typename scalar_t, int NV, typename Group, typename Scalar>
-inline void column_groups(int64_t c0, int64_t c1, Group&& group, Scalar&& scalar) {
-  constexpr int64_t W = VecIO<scalar_t>::kWidth;
-  int64_t c = c0;
-  for (; c + NV * W <= c1; c += NV * W) group(c, std::integral_constant<int, NV>{});
-  for (; c + W <= c1; c += W) group(c, std::integral_constant<int, 1>{});
-  for (; c < c1; ++c) scalar(c);
+// Calls group(r, G) for row groups of G = kRowGroup rows, then G = 1 for the rows left.
+template <typename Group>
+inline void row_groups(int64_t r0, int64_t r1, Group&& group) {
+  int64_t r = r0;
+  for (; r + kRowGroup <= r1; r += kRowGroup) group(r, std::integral_constant<int, kRowGroup>{});
+  for (; r < r1; ++r) group(r, std::integral_constant<int, 1>{});
 }
 
+// Statistics of a tile in one pass with shifted sums: with k = the tile's first row (per channel), Σ(x - k) and
+// Σ(x - k)² in acc_t give mean = k + Σd/n and m2 = Σd² - (Σd)²/n. The shift is one of the channel's own values,
+// so d is of the order of the spread, not of the mean (1e4 + randn keeps its digits: x - k is exact there), and
+// a tile holds at most 1024 rows; tiles are merged in double (merge_partials).
 template <typename scalar_t>
 void stats_rows(const StatsArgs<scalar_t>& a) {
   using IO = VecIO<scalar_t>;
@@ -272,84 +304,118 @@ void stats_rows(const StatsArgs<scalar_t>& a) {
   using Vec = typename IO::Vec;
   constexpr int P = IO::kParts;
   constexpr int64_t V = IO::kVec, W = IO::kWidth;
-  constexpr int kNV = 4 / P;
   const int64_t C = a.geom.C;
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
   const RowTiles rt(a.geom);
-  std::vector<acc_t> part_mean(rt.rblocks * C), part_m2(rt.rblocks * C);
+  // Partials in double: a tile mean of 1e4 + randn data rounded to float would lose the digits the merge needs.
+  std::vector<double> part_mean(rt.rblocks * C), part_m2(rt.rblocks * C);
 
   at::parallel_for(0, rt.items(), rt.grain(), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> shift(rt.cw), sum(rt.cw), sq(rt.cw);
     for (int64_t item = begin; item < end; ++item) {
       int64_t r0, r1, c0, c1, rb;
       rt.at(item, r0, r1, c0, c1, rb);
-      const acc_t inv_n = acc_t(1) / acc_t(r1 - r0);
-      acc_t* out_mean = part_mean.data() + rb * C;
-      acc_t* out_m2 = part_m2.data() + rb * C;
-      column_groups<scalar_t, kNV>(
-          c0, c1,
-          [&](int64_t c, auto nv_tag) {
-            constexpr int NV = decltype(nv_tag)::value;
-            // Pass 1: sums of x - (first row), pass 2: squared deviations from the mean, in registers.
-            Vec k[NV][P], s[NV][P];
-            for (int j = 0; j < NV; ++j) {
-              IO::load(x + r0 * C + c + j * W, k[j]);
-              for (int q = 0; q < P; ++q) s[j][q] = Vec(acc_t(0));
+      const int64_t nc = c1 - c0;
+      for (int64_t c = 0; c < nc; ++c) shift[c] = acc_t(x[r0 * C + c0 + c]);
+      std::fill(sum.begin(), sum.begin() + nc, acc_t(0));
+      std::fill(sq.begin(), sq.begin() + nc, acc_t(0));
+      // Rows of at most kNV vectors (64 float channels): the accumulators stay in registers for the whole tile,
+      // and walking the rows one after another is still sequential.
+      const auto in_registers = [&](auto nv_tag) {
+        constexpr int NV = decltype(nv_tag)::value;
+        Vec k[NV][P], s[NV][P], s2[NV][P];
+        for (int j = 0; j < NV; ++j) {
+          for (int q = 0; q < P; ++q) {
+            k[j][q] = Vec::loadu(&shift[j * W + q * V]);
+            s[j][q] = Vec(acc_t(0));
+            s2[j][q] = Vec(acc_t(0));
+          }
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+          for (int j = 0; j < NV; ++j) {
+            Vec v[P];
+            IO::load(x + r * C + c0 + j * W, v);
+            for (int q = 0; q < P; ++q) {
+              const Vec d = v[q] - k[j][q];
+              s[j][q] = s[j][q] + d;
+              s2[j][q] = at::vec::fmadd(d, d, s2[j][q]);
             }
-            for (int64_t r = r0 + 1; r < r1; ++r) {
-              for (int j = 0; j < NV; ++j) {
-                Vec v[P];
-                IO::load(x + r * C + c + j * W, v);
-                for (int q = 0; q < P; ++q) s[j][q] = s[j][q] + (v[q] - k[j][q]);
+          }
+        }
+        for (int j = 0; j < NV; ++j) {
+          for (int q = 0; q < P; ++q) {
+            s[j][q].store(&sum[j * W + q * V]);
+            s2[j][q].store(&sq[j * W + q * V]);
+          }
+        }
+      };
+      constexpr int kNV = 4 / P;
+      if (nc % W == 0 && nc / W <= kNV) {
+        switch (nc / W) {
+          case 1:
+            in_registers(std::integral_constant<int, 1>{});
+            break;
+          case 2:
+            in_registers(std::integral_constant<int, std::min(2, kNV)>{});
+            break;
+          case 3:
+            in_registers(std::integral_constant<int, std::min(3, kNV)>{});
+            break;
+          default:  // nc / W == kNV
+            in_registers(std::integral_constant<int, kNV>{});
+            break;
+        }
+      } else {
+        row_groups(r0, r1, [&](int64_t r, auto g_tag) {
+          constexpr int G = decltype(g_tag)::value;
+          const scalar_t* row = x + r * C + c0;
+          int64_t c = 0;
+          for (; c + W <= nc; c += W) {
+            Vec k[P], s[P], s2[P], d[G][P];
+            for (int q = 0; q < P; ++q) {
+              k[q] = Vec::loadu(&shift[c + q * V]);
+              s[q] = Vec::loadu(&sum[c + q * V]);
+              s2[q] = Vec::loadu(&sq[c + q * V]);
+            }
+            for (int j = 0; j < G; ++j) {
+              IO::load(row + j * C + c, d[j]);
+              for (int q = 0; q < P; ++q) d[j][q] = d[j][q] - k[q];
+            }
+            for (int q = 0; q < P; ++q) {
+              if constexpr (G == 4) {
+                s[q] = s[q] + ((d[0][q] + d[1][q]) + (d[2][q] + d[3][q]));
+                s2[q] = s2[q] + (at::vec::fmadd(d[1][q], d[1][q], d[0][q] * d[0][q]) +
+                                 at::vec::fmadd(d[3][q], d[3][q], d[2][q] * d[2][q]));
+              } else {
+                s[q] = s[q] + d[0][q];
+                s2[q] = at::vec::fmadd(d[0][q], d[0][q], s2[q]);
               }
+              s[q].store(&sum[c + q * V]);
+              s2[q].store(&sq[c + q * V]);
             }
-            for (int j = 0; j < NV; ++j) {
-              for (int q = 0; q < P; ++q) {
-                k[j][q] = k[j][q] + s[j][q] * Vec(inv_n);
-                s[j][q] = Vec(acc_t(0));
-              }
+          }
+          for (; c < nc; ++c) {
+            for (int j = 0; j < G; ++j) {
+              const acc_t d = acc_t(row[j * C + c]) - shift[c];
+              sum[c] += d;
+              sq[c] += d * d;
             }
-            for (int64_t r = r0; r < r1; ++r) {
-              for (int j = 0; j < NV; ++j) {
-                Vec v[P];
-                IO::load(x + r * C + c + j * W, v);
-                for (int q = 0; q < P; ++q) {
-                  const Vec d = v[q] - k[j][q];
-                  s[j][q] = at::vec::fmadd(d, d, s[j][q]);
-                }
-              }
-            }
-            for (int j = 0; j < NV; ++j) {
-              for (int q = 0; q < P; ++q) {
-                k[j][q].store(out_mean + c + j * W + q * V);
-                s[j][q].store(out_m2 + c + j * W + q * V);
-              }
-            }
-          },
-          [&](int64_t c) {
-            const acc_t k = acc_t(x[r0 * C + c]);
-            acc_t s = 0;
-            for (int64_t r = r0 + 1; r < r1; ++r) s += acc_t(x[r * C + c]) - k;
-            const acc_t mean = k + s * inv_n;
-            acc_t m2 = 0;
-            for (int64_t r = r0; r < r1; ++r) {
-              const acc_t d = acc_t(x[r * C + c]) - mean;
-              m2 += d * d;
-            }
-            out_mean[c] = mean;
-            out_m2[c] = m2;
-          });
+          }
+        });
+      }
+      const double n = double(r1 - r0);
+      double* out_mean = part_mean.data() + rb * C + c0;
+      double* out_m2 = part_m2.data() + rb * C + c0;
+      for (int64_t c = 0; c < nc; ++c) {
+        const double s = sum[c];
+        out_mean[c] = double(shift[c]) + s / n;
+        const double m2 = double(sq[c]) - s * (s / n);
+        out_m2[c] = m2 < 0 ? 0 : m2;  // rounding only; NaN stays NaN
+      }
     }
   });
-
-  at::parallel_for(0, C, std::max<int64_t>(1, 4096 / rt.rblocks), [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      int64_t n = 0;
-      double mean = 0, m2 = 0;
-      for (int64_t rb = 0; rb < rt.rblocks; ++rb) chan_merge<double>(n, mean, m2, rt.count(rb), part_mean[rb * C + c], part_m2[rb * C + c]);
-      a.mean[c] = static_cast<acc_t>(mean);
-      a.m2[c] = static_cast<acc_t>(m2);
-    }
-  });
+  merge_partials(rt.rblocks, C, [&](int64_t rb) { return rt.count(rb); }, part_mean.data(), part_m2.data(), a.mean,
+                 a.m2);
 }
 
 template <typename scalar_t>
@@ -554,7 +620,6 @@ void backward_reduce_rows(const ReduceArgs<scalar_t>& a) {
   using Vec = typename IO::Vec;
   constexpr int P = IO::kParts;
   constexpr int64_t V = IO::kVec, W = IO::kWidth;
-  constexpr int kNV = 2 / P > 0 ? 2 / P : 1;
   const int64_t C = a.geom.C;
   const scalar_t* dy = a.dy->template data_ptr<scalar_t>();
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
@@ -566,72 +631,74 @@ void backward_reduce_rows(const ReduceArgs<scalar_t>& a) {
     for (int64_t item = begin; item < end; ++item) {
       int64_t r0, r1, c0, c1, rb;
       rt.at(item, r0, r1, c0, c1, rb);
-      acc_t* out_g = part_g.data() + rb * C;
-      acc_t* out_gx = part_gx.data() + rb * C;
-      column_groups<scalar_t, kNV>(
-          c0, c1,
-          [&](int64_t c, auto nv_tag) {
-            constexpr int NV = decltype(nv_tag)::value;
-            Vec mean[NV][P], scale[NV][P], shift[NV][P], sg[NV][P], sgx[NV][P];
-            for (int j = 0; j < NV; ++j) {
-              for (int q = 0; q < P; ++q) {
-                const int64_t cc = c + j * W + q * V;
-                mean[j][q] = Vec::loadu(a.mean + cc);
-                if constexpr (kRelu) {
-                  scale[j][q] = Vec::loadu(a.scale + cc);
-                  shift[j][q] = Vec::loadu(a.shift + cc);
-                }
-                sg[j][q] = Vec(acc_t(0));
-                sgx[j][q] = Vec(acc_t(0));
-              }
+      const int64_t nc = c1 - c0;
+      // The tile's accumulators live in its rows of the partial arrays (L1-sized: ≤ kRowChannels per array).
+      acc_t* acc_g = part_g.data() + rb * C + c0;
+      acc_t* acc_gx = part_gx.data() + rb * C + c0;
+      std::fill(acc_g, acc_g + nc, acc_t(0));
+      std::fill(acc_gx, acc_gx + nc, acc_t(0));
+      const acc_t* mean_p = a.mean + c0;
+      const acc_t* scale_p = a.scale + c0;
+      const acc_t* shift_p = a.shift + c0;
+      row_groups(r0, r1, [&](int64_t r, auto g_tag) {
+        constexpr int G = decltype(g_tag)::value;
+        const int64_t base = r * C + c0;
+        int64_t c = 0;
+        for (; c + W <= nc; c += W) {
+          Vec mean[P], scale[P], shift[P], sg[P], sgx[P];
+          for (int q = 0; q < P; ++q) {
+            const int64_t cc = c + q * V;
+            mean[q] = Vec::loadu(mean_p + cc);
+            if constexpr (kRelu) {
+              scale[q] = Vec::loadu(scale_p + cc);
+              shift[q] = Vec::loadu(shift_p + cc);
             }
-            for (int64_t r = r0; r < r1; ++r) {
-              for (int j = 0; j < NV; ++j) {
-                const int64_t off = r * C + c + j * W;
-                Vec d[P], v[P], rr[P];
-                IO::load(dy + off, d);
-                IO::load(x + off, v);
-                if constexpr (kResidual) IO::load(res + off, rr);
-                for (int q = 0; q < P; ++q) {
-                  const Vec xmu = v[q] - mean[j][q];
-                  const Vec g = masked<Vec, kResidual, kRelu>(d[q], xmu, scale[j][q], shift[j][q],
-                                                              kResidual ? rr[q] : Vec(acc_t(0)));
-                  sg[j][q] = sg[j][q] + g;
-                  sgx[j][q] = at::vec::fmadd(g, xmu, sgx[j][q]);
-                }
-              }
+            sg[q] = Vec::loadu(acc_g + cc);
+            sgx[q] = Vec::loadu(acc_gx + cc);
+          }
+          for (int j = 0; j < G; ++j) {
+            const int64_t off = base + j * C + c;
+            Vec d[P], v[P], rr[P];
+            IO::load(dy + off, d);
+            IO::load(x + off, v);
+            if constexpr (kResidual) IO::load(res + off, rr);
+            for (int q = 0; q < P; ++q) {
+              const Vec xmu = v[q] - mean[q];
+              const Vec g =
+                  masked<Vec, kResidual, kRelu>(d[q], xmu, scale[q], shift[q], kResidual ? rr[q] : Vec(acc_t(0)));
+              sg[q] = sg[q] + g;
+              sgx[q] = at::vec::fmadd(g, xmu, sgx[q]);
             }
-            for (int j = 0; j < NV; ++j) {
-              for (int q = 0; q < P; ++q) {
-                sg[j][q].store(out_g + c + j * W + q * V);
-                sgx[j][q].store(out_gx + c + j * W + q * V);
-              }
-            }
-          },
-          [&](int64_t c) {
-            acc_t sg = 0, sgx = 0;
-            for (int64_t r = r0; r < r1; ++r) {
-              const int64_t off = r * C + c;
-              const acc_t xmu = acc_t(x[off]) - a.mean[c];
-              const acc_t g = masked_scalar<acc_t, kResidual, kRelu>(acc_t(dy[off]), xmu, a.scale[c], a.shift[c],
-                                                                     kResidual ? acc_t(res[off]) : acc_t(0));
-              sg += g;
-              sgx += g * xmu;
-            }
-            out_g[c] = sg;
-            out_gx[c] = sgx;
-          });
+          }
+          for (int q = 0; q < P; ++q) {
+            sg[q].store(acc_g + c + q * V);
+            sgx[q].store(acc_gx + c + q * V);
+          }
+        }
+        for (; c < nc; ++c) {
+          for (int j = 0; j < G; ++j) {
+            const int64_t off = base + j * C + c;
+            const acc_t xmu = acc_t(x[off]) - mean_p[c];
+            const acc_t g = masked_scalar<acc_t, kResidual, kRelu>(acc_t(dy[off]), xmu, scale_p[c], shift_p[c],
+                                                                   kResidual ? acc_t(res[off]) : acc_t(0));
+            acc_g[c] += g;
+            acc_gx[c] += g * xmu;
+          }
+        }
+      });
     }
   });
 
-  for (int64_t c = 0; c < C; ++c) {
-    double tg = 0, tgx = 0;
-    for (int64_t rb = 0; rb < rt.rblocks; ++rb) {
-      tg += part_g[rb * C + c];
-      tgx += part_gx[rb * C + c];
+  std::vector<double> tg(C, 0.0), tgx(C, 0.0);
+  for (int64_t rb = 0; rb < rt.rblocks; ++rb) {
+    for (int64_t c = 0; c < C; ++c) {
+      tg[c] += part_g[rb * C + c];
+      tgx[c] += part_gx[rb * C + c];
     }
-    a.sum_g[c] = static_cast<acc_t>(tg);
-    a.sum_gxmu[c] = static_cast<acc_t>(tgx);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    a.sum_g[c] = static_cast<acc_t>(tg[c]);
+    a.sum_gxmu[c] = static_cast<acc_t>(tgx[c]);
   }
 }
 
