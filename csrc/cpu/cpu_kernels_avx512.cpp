@@ -51,14 +51,7 @@
 namespace fastbn {
 namespace cpu {
 namespace avx512 {
-template <typename scalar_t>
-Kernels<scalar_t> make_kernels() {
-  return dflt::make_kernels<scalar_t>();
-}
-template Kernels<float> make_kernels<float>();
-template Kernels<double> make_kernels<double>();
-template Kernels<c10::Half> make_kernels<c10::Half>();
-template Kernels<c10::BFloat16> make_kernels<c10::BFloat16>();
+FASTBN_DEFINE_CPU_KERNELS(dflt::make_kernels<scalar_t>())
 }  // namespace avx512
 }  // namespace cpu
 }  // namespace fastbn

@@ -218,15 +218,8 @@ void backward_elementwise(const ElementwiseArgs<scalar_t>& a) {
 
 }  // namespace
 
-template <typename scalar_t>
-Kernels<scalar_t> make_kernels() {
-  return {&stats<scalar_t>, &normalize<scalar_t>, &backward_reduce<scalar_t>, &backward_elementwise<scalar_t>};
-}
-
-template Kernels<float> make_kernels<float>();
-template Kernels<double> make_kernels<double>();
-template Kernels<c10::Half> make_kernels<c10::Half>();
-template Kernels<c10::BFloat16> make_kernels<c10::BFloat16>();
+FASTBN_DEFINE_CPU_KERNELS({&stats<scalar_t>, &normalize<scalar_t>, &backward_reduce<scalar_t>,
+                           &backward_elementwise<scalar_t>})
 
 }  // namespace strided
 }  // namespace cpu

@@ -95,6 +95,17 @@ FASTBN_DECLARE_CPU_KERNELS(avx512)
 FASTBN_DECLARE_CPU_KERNELS(strided)
 #undef FASTBN_DECLARE_CPU_KERNELS
 
+// Defines make_kernels() of the enclosing namespace as `return TABLE;` for every input dtype.
+#define FASTBN_DEFINE_CPU_KERNELS(...)                              \
+  template <typename scalar_t>                                      \
+  Kernels<scalar_t> make_kernels() {                                \
+    return __VA_ARGS__;                                             \
+  }                                                                 \
+  template Kernels<float> make_kernels<float>();                    \
+  template Kernels<double> make_kernels<double>();                  \
+  template Kernels<c10::Half> make_kernels<c10::Half>();            \
+  template Kernels<c10::BFloat16> make_kernels<c10::BFloat16>();
+
 // The vectorised table for this CPU (planes/rows layouts), and the strided table.
 template <typename scalar_t>
 const Kernels<scalar_t>& vector_kernels();
