@@ -14,6 +14,7 @@
 #include "../checks.h"
 #include "../dispatch.h"
 #include "../ops.h"
+#include "../op_tensors.h"
 #include "kernels.h"
 
 namespace fastbn {
@@ -22,16 +23,6 @@ namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
-
-bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
-
-c10::ScalarType acc_dtype(const Tensor& input) { return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-Tensor empty_channels(const Tensor& input, c10::ScalarType dtype) {
-  return at::empty({input.size(1)}, input.options().dtype(dtype));
-}
-
-Tensor empty_unselected(const Tensor& input) { return at::empty({0}, input.options()); }
 
 // weight/bias/running statistics (param_t, any strides: C elements are cheap to gather) as acc_t values.
 template <typename param_t, typename acc_t>
@@ -146,12 +137,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
   const int64_t C = input.size(1);
   const auto [need_dx, need_dw, need_db, need_dr] = output_mask;
   const auto param = param_dtype(input, {&weight, &bias});
-  Tensor dx = need_dx ? at::empty_like(input) : empty_unselected(input);
-  Tensor dw = need_dw ? empty_channels(input, param) : empty_unselected(input);
-  Tensor db = need_db ? empty_channels(input, param) : empty_unselected(input);
-  // grad_residual is a fresh tensor even without relu (where it equals grad_output): the schema promises
-  // outputs that do not alias inputs. It is written in the elementwise pass, which reads dy anyway.
-  Tensor dr = need_dr ? at::empty_like(input) : empty_unselected(input);
+  // grad_residual is written in the elementwise pass, which reads dy anyway.
+  Tensor dx, dw, db, dr;
+  std::tie(dx, dw, db, dr) = backward_outputs(input, param, output_mask);
 
   FASTBN_DISPATCH(input.scalar_type(), param, "fastbn_backward", [&] {
     std::vector<acc_t> sum_g(C, acc_t(0)), sum_gxmu(C, acc_t(0));

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "op_tensors.h"
 #include "cuda/plan.cuh"
 #include "ops.h"
 
@@ -47,21 +48,11 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
 const OptTensor& none() {
   static const OptTensor n;
   return n;
 }
 
-c10::ScalarType acc_dtype(const Tensor& input) { return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-Tensor empty_channels(const Tensor& input, c10::ScalarType dtype) {
-  return at::empty({input.size(1)}, input.options().dtype(dtype));
-}
-Tensor zero_channels(const Tensor& input, c10::ScalarType dtype) {
-  return at::zeros({input.size(1)}, input.options().dtype(dtype));
-}
-Tensor empty_unselected(const Tensor& input) { return at::empty({0}, input.options()); }
 
 std::vector<int64_t> channels_last_order(int64_t dim) {
   std::vector<int64_t> order{0};
@@ -277,11 +268,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
                                      contiguous_or_none(residual), mean, invstd, training, relu, output_mask);
     return {need_dx ? like_input(input, dx) : dx, dw, db, need_dr ? like_input(input, dr) : dr};
   }
-  Tensor dx = need_dx ? at::empty_like(input) : empty_unselected(input);
-  Tensor dw = need_dw ? (empty ? zero_channels(input, param) : empty_channels(input, param)) : empty_unselected(input);
-  Tensor db = need_db ? (empty ? zero_channels(input, param) : empty_channels(input, param)) : empty_unselected(input);
-  // grad_residual is a fresh tensor even without relu: outputs never alias inputs.
-  Tensor dr = need_dr ? at::empty_like(input) : empty_unselected(input);
+  Tensor dx, dw, db, dr;
+  std::tie(dx, dw, db, dr) = backward_outputs(input, param, output_mask);
   if (empty) return {dx, dw, db, dr};
 
   Geometry g = *geom;
