@@ -54,6 +54,21 @@ void update_channels(const Tensor& t, F&& f) {
   if (!dst.is_same(t)) t.copy_(dst);
 }
 
+// Per-channel normalize coefficients, y = (x - mean) * scale + shift with scale = invstd * weight. Every op
+// builds them here, so the forward and the backward's recomputed ReLU mask share one arithmetic.
+template <typename acc_t>
+struct Coefficients {
+  std::vector<acc_t> scale, shift;
+};
+
+template <typename param_t, typename acc_t>
+Coefficients<acc_t> coefficients(const acc_t* invstd, const OptTensor& weight, const OptTensor& bias, int64_t C) {
+  Coefficients<acc_t> k{channel_values<param_t, acc_t>(weight, C, acc_t(1)),
+                        channel_values<param_t, acc_t>(bias, C, acc_t(0))};
+  for (int64_t c = 0; c < C; ++c) k.scale[c] = invstd[c] * k.scale[c];
+  return k;
+}
+
 template <typename param_t, typename acc_t>
 void write_channels(const Tensor& t, const std::vector<acc_t>& values) {
   param_t* p = t.data_ptr<param_t>();
@@ -97,13 +112,10 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
       });
     }
 
-    const auto w = channel_values<param_t, acc_t>(weight, C, acc_t(1));
-    auto shift = channel_values<param_t, acc_t>(bias, C, acc_t(0));
-    std::vector<acc_t> scale(C);
-    for (int64_t c = 0; c < C; ++c) scale[c] = invstd[c] * w[c];
+    const auto k = coefficients<param_t>(invstd, weight, bias, C);
     const Tensor* res = defined(residual) ? &*residual : nullptr;
     const Geometry gn = classify(input, {res, &output});
-    kernels_for<scalar_t>(gn).normalize({gn, &input, res, &output, mean, scale.data(), shift.data(), relu});
+    kernels_for<scalar_t>(gn).normalize({gn, &input, res, &output, mean, k.scale.data(), k.shift.data(), relu});
   });
   return {output, save_mean, save_invstd};
 }
@@ -117,14 +129,12 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
   const auto param = param_dtype(input, {&weight, &bias, &rm, &rv});
   FASTBN_DISPATCH(input.scalar_type(), param, "fastbn_forward_eval", [&] {
     const auto mean = channel_values<param_t, acc_t>(rm, C, acc_t(0));
-    const auto var = channel_values<param_t, acc_t>(rv, C, acc_t(1));
-    const auto w = channel_values<param_t, acc_t>(weight, C, acc_t(1));
-    const auto shift = channel_values<param_t, acc_t>(bias, C, acc_t(0));
-    std::vector<acc_t> scale(C);
-    for (int64_t c = 0; c < C; ++c) scale[c] = (acc_t(1) / std::sqrt(var[c] + static_cast<acc_t>(eps))) * w[c];
+    auto invstd = channel_values<param_t, acc_t>(rv, C, acc_t(1));
+    for (acc_t& v : invstd) v = acc_t(1) / std::sqrt(v + static_cast<acc_t>(eps));
+    const auto k = coefficients<param_t>(invstd.data(), weight, bias, C);
     const Tensor* res = defined(residual) ? &*residual : nullptr;
     const Geometry g = classify(input, {res, &output});
-    kernels_for<scalar_t>(g).normalize({g, &input, res, &output, mean.data(), scale.data(), shift.data(), relu});
+    kernels_for<scalar_t>(g).normalize({g, &input, res, &output, mean.data(), k.scale.data(), k.shift.data(), relu});
   });
   return output;
 }
@@ -148,32 +158,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
     const int64_t m = numel / C;
     if (numel > 0) {
       const auto mu = channel_values<acc_t>(mean);
-      const auto w = channel_values<param_t, acc_t>(weight, C, acc_t(1));
-      const auto shift = channel_values<param_t, acc_t>(bias, C, acc_t(0));
-      std::vector<acc_t> scale(C);
-      for (int64_t c = 0; c < C; ++c) scale[c] = inv[c] * w[c];  // the forward's arithmetic: ReLU masks agree
+      const auto k = coefficients<param_t>(inv.data(), weight, bias, C);
       const Tensor* res = relu && defined(residual) ? &*residual : nullptr;
 
       if (need_dw || need_db || (need_dx && training)) {
         const Geometry g = classify(input, {&grad_output, res});
         kernels_for<scalar_t>(g).backward_reduce(
-            {g, &grad_output, &input, res, mu.data(), scale.data(), shift.data(), relu, sum_g.data(), sum_gxmu.data()});
+            {g, &grad_output, &input, res, mu.data(), k.scale.data(), k.shift.data(), relu, sum_g.data(),
+             sum_gxmu.data()});
       }
       if (need_dx || need_dr) {
-        std::vector<acc_t> k(C), p(C, acc_t(0)), q(C, acc_t(0));
-        for (int64_t c = 0; c < C; ++c) {
-          k[c] = w[c] * inv[c];
-          if (training) {
-            p[c] = -k[c] * inv[c] * inv[c] * sum_gxmu[c] / acc_t(m);
-            q[c] = -k[c] * sum_g[c] / acc_t(m);
-          }
+        // dx = scale·g + p·(x - mean) + q; p and q vanish in eval.
+        std::vector<acc_t> p(C, acc_t(0)), q(C, acc_t(0));
+        for (int64_t c = 0; c < C && training; ++c) {
+          p[c] = -k.scale[c] * inv[c] * inv[c] * sum_gxmu[c] / acc_t(m);
+          q[c] = -k.scale[c] * sum_g[c] / acc_t(m);
         }
         const Tensor* dx_p = need_dx ? &dx : nullptr;
         const Tensor* dr_p = need_dr ? &dr : nullptr;
         const Geometry g = classify(input, {&grad_output, res, dx_p, dr_p});
-        kernels_for<scalar_t>(g).backward_elementwise({g, &grad_output, &input, res, mu.data(), scale.data(),
-                                                       shift.data(), relu, k.data(), p.data(), q.data(), training,
-                                                       dx_p, dr_p});
+        kernels_for<scalar_t>(g).backward_elementwise({g, &grad_output, &input, res, mu.data(), k.scale.data(),
+                                                       k.shift.data(), relu, k.scale.data(), p.data(), q.data(),
+                                                       training, dx_p, dr_p});
       }
     }
     if (need_dw) {
@@ -219,13 +225,10 @@ Tensor normalize(const Tensor& input, const Tensor& mean, const Tensor& invstd, 
   FASTBN_DISPATCH(input.scalar_type(), param, "fastbn_normalize", [&] {
     const auto mu = channel_values<acc_t>(mean);
     const auto inv = channel_values<acc_t>(invstd);
-    const auto w = channel_values<param_t, acc_t>(weight, C, acc_t(1));
-    const auto shift = channel_values<param_t, acc_t>(bias, C, acc_t(0));
-    std::vector<acc_t> scale(C);
-    for (int64_t c = 0; c < C; ++c) scale[c] = inv[c] * w[c];
+    const auto k = coefficients<param_t>(inv.data(), weight, bias, C);
     const Tensor* res = defined(residual) ? &*residual : nullptr;
     const Geometry g = classify(input, {res, &output});
-    kernels_for<scalar_t>(g).normalize({g, &input, res, &output, mu.data(), scale.data(), shift.data(), relu});
+    kernels_for<scalar_t>(g).normalize({g, &input, res, &output, mu.data(), k.scale.data(), k.shift.data(), relu});
   });
   return output;
 }
@@ -246,14 +249,11 @@ std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_output, const Tens
     if (input.numel() == 0) return;
     const auto mu = channel_values<acc_t>(mean);
     const auto inv = channel_values<acc_t>(invstd);
-    const auto w = channel_values<param_t, acc_t>(weight, C, acc_t(1));
-    const auto shift = channel_values<param_t, acc_t>(bias, C, acc_t(0));
-    std::vector<acc_t> scale(C);
-    for (int64_t c = 0; c < C; ++c) scale[c] = inv[c] * w[c];
+    const auto k = coefficients<param_t>(inv.data(), weight, bias, C);
     const Tensor* res = relu && defined(residual) ? &*residual : nullptr;
     const Geometry g = classify(input, {&grad_output, res});
     kernels_for<scalar_t>(g).backward_reduce(
-        {g, &grad_output, &input, res, mu.data(), scale.data(), shift.data(), relu, sg, sgx});
+        {g, &grad_output, &input, res, mu.data(), k.scale.data(), k.shift.data(), relu, sg, sgx});
     for (int64_t c = 0; c < C; ++c) sgx[c] *= inv[c];  // Σg·x̂ = invstd·Σg·(x - mean)
   });
   return {sum_dy, sum_dy_xhat};
@@ -271,21 +271,18 @@ Tensor backward_elementwise(const Tensor& grad_output, const Tensor& input, cons
     const auto inv = channel_values<acc_t>(invstd);
     const auto mdy = channel_values<acc_t>(mean_dy);
     const auto mdyx = channel_values<acc_t>(mean_dy_xhat);
-    const auto w = channel_values<param_t, acc_t>(weight, C, acc_t(1));
-    const auto shift = channel_values<param_t, acc_t>(bias, C, acc_t(0));
-    std::vector<acc_t> scale(C), k(C), p(C), q(C);
+    const auto k = coefficients<param_t>(inv.data(), weight, bias, C);
+    std::vector<acc_t> p(C), q(C);
     for (int64_t c = 0; c < C; ++c) {
-      scale[c] = inv[c] * w[c];
-      k[c] = w[c] * inv[c];
-      // dx = k·(g - mean_dy - x̂·mean_dy_xhat), x̂ = (x - mean)·invstd
-      p[c] = -k[c] * inv[c] * mdyx[c];
-      q[c] = -k[c] * mdy[c];
+      // dx = scale·(g - mean_dy - x̂·mean_dy_xhat), x̂ = (x - mean)·invstd
+      p[c] = -k.scale[c] * inv[c] * mdyx[c];
+      q[c] = -k.scale[c] * mdy[c];
     }
     const Tensor* res = relu && defined(residual) ? &*residual : nullptr;
     const Geometry g = classify(input, {&grad_output, res, &dx});
-    kernels_for<scalar_t>(g).backward_elementwise({g, &grad_output, &input, res, mu.data(), scale.data(),
-                                                   shift.data(), relu, k.data(), p.data(), q.data(), true, &dx,
-                                                   nullptr});
+    kernels_for<scalar_t>(g).backward_elementwise({g, &grad_output, &input, res, mu.data(), k.scale.data(),
+                                                   k.shift.data(), relu, k.scale.data(), p.data(), q.data(), true,
+                                                   &dx, nullptr});
   });
   return dx;
 }
