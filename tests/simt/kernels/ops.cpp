@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "kernels.h"
+#include "emulator_controls.h"
 #include "simt/runtime.h"
 
 namespace simt_test {
@@ -24,17 +25,6 @@ template <typename T>
 const T* cptr(const Tensor& t) {
   return static_cast<const T*>(t.data_ptr());
 }
-
-// --- emulator controls
-void set_schedule(const std::string& s) { fastbn::simt::set_schedule(fastbn::simt::parse_schedule(s)); }
-std::string schedule() { return fastbn::simt::to_string(fastbn::simt::current_schedule()); }
-void set_resident_blocks(int64_t n) { fastbn::simt::set_max_resident_blocks(static_cast<unsigned>(n)); }
-int64_t resident_blocks() { return fastbn::simt::max_resident_blocks(); }
-std::vector<int64_t> stats() {
-  const auto s = fastbn::simt::stats();
-  return {int64_t(s.launches), int64_t(s.blocks), int64_t(s.threads), int64_t(s.switches)};
-}
-void reset_stats() { fastbn::simt::reset_stats(); }
 
 // --- reductions.cu
 Tensor warp_sums_op(const Tensor& x) {
@@ -245,12 +235,7 @@ void divergent_barriers_op(int64_t threads) {
 
 TORCH_LIBRARY(fastbn_simt_test, m) {
   using namespace simt_test;
-  m.def("set_schedule", &set_schedule);
-  m.def("schedule", &schedule);
-  m.def("set_resident_blocks", &set_resident_blocks);
-  m.def("resident_blocks", &resident_blocks);
-  m.def("stats", &stats);
-  m.def("reset_stats", &reset_stats);
+  simt_test::define_emulator_controls(m);
   m.def("warp_sums", &warp_sums_op);
   m.def("block_sums", &block_sums_op);
   m.def("block_stats", &block_stats_op);
