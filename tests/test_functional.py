@@ -299,6 +299,35 @@ def test_larger_shapes(shape, dtype, fmt, use_residual, relu):
                         "residual": None if residual is None else residual.grad}, ref)
 
 
+# Shapes that cut the CPU reductions (csrc/cpu/kernels_impl.h, RunTiles) into each kind of tile: planes longer
+# than a run (chunked), short planes packed many to a run with several channel blocks and sample groups, rows
+# wider than a run, a tall (N, C) split into row groups with its sums in registers, and channels_last with few
+# channels (registers) or many (per-position sums).
+TILINGS = [((3, 2, 70, 70), "contiguous"), ((70, 300, 3, 3), "contiguous"), ((1100, 2100), "contiguous"),
+           ((5000, 16), "contiguous"), ((16, 64, 12, 12), "channels_last"), ((40, 200, 5, 5), "channels_last")]
+
+
+@pytest.mark.parametrize("use_residual,relu", [(False, False), (True, True)], ids=["bn", "add_relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["f32", "bf16", "f64"])
+@pytest.mark.parametrize("shape,fmt", TILINGS, ids=[f"{'x'.join(map(str, s))}-{f}" for s, f in TILINGS])
+def test_reduction_tilings(shape, fmt, dtype, use_residual, relu):
+    """Statistics and backward sums over many tiles, merged in a fixed order, match torch."""
+    x0 = make_input(shape, dtype, fmt)
+    w0, b0, running_mean, running_var = make_params(shape[1], torch.float64 if dtype == torch.float64 else torch.float32)
+    r0 = make_like(x0) if use_residual else None
+    dy = make_like(x0)
+    x, weight, bias, residual = leaf(x0), leaf(w0), leaf(b0), leaf(r0)
+    rm, rv = running_mean.clone(), running_var.clone()
+    y = bn(x, rm, rv, weight, bias, True, residual=residual, activation=_activation(relu))
+    y.backward(dy)
+    ref = reference_with_grads(x0, running_mean, running_var, w0, b0, True, MOMENTUM, EPS, dy, r0, relu)
+    assert_close(y, ref.y, msg="output")
+    assert_close(rm, ref.running_mean, msg="running_mean")
+    assert_close(rv, ref.running_var, msg="running_var")
+    assert_grads_close({"input": x.grad, "weight": weight.grad, "bias": bias.grad,
+                        "residual": None if residual is None else residual.grad}, ref)
+
+
 def test_no_grad_and_inference_mode():
     x = make_input((3, 4, 2, 2))
     weight, bias, running_mean, running_var = make_params(4)

@@ -4,6 +4,7 @@
 
 #include <ATen/Version.h>
 
+#include <fstream>
 #include <string>
 
 #include "kernels.h"
@@ -53,6 +54,31 @@ const Kernels<scalar_t>& vector_kernels() {
     }
   }();
   return table;
+}
+
+// The largest cache level's size from Linux's sysfs (what lscpu reports: per cache instance; sysconf's
+// _SC_LEVEL3_CACHE_SIZE can report a whole host's L3 inside a VM); 32 MiB where it cannot be read.
+int64_t streaming_store_bytes() {
+  static const int64_t bytes = [] {
+    int best_level = 0;
+    int64_t best_size = 0;
+    for (int index = 0; index < 8; ++index) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+      std::ifstream level_file(dir + "level"), size_file(dir + "size");
+      int level = 0;
+      int64_t size = 0;
+      std::string unit;
+      if (!(level_file >> level) || !(size_file >> size)) continue;
+      size_file >> unit;  // "32768K": the number is read, the suffix is left
+      const int64_t scale = unit == "K" ? 1 << 10 : unit == "M" ? 1 << 20 : unit == "G" ? 1 << 30 : 1;
+      if (level > best_level) {
+        best_level = level;
+        best_size = size * scale;
+      }
+    }
+    return best_size > 0 ? best_size : int64_t(32) << 20;
+  }();
+  return bytes;
 }
 
 template <typename scalar_t>

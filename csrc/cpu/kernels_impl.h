@@ -30,6 +30,41 @@ constexpr int64_t kSegment = 8192;
 // Fewer elements than this run on one thread: waking the pool costs more than it saves.
 constexpr int64_t kParallelMin = 32768;
 
+// Elementwise passes whose output is larger than the last-level cache write it with non-temporal stores
+// (streaming_store_bytes(), kernels.h): a plain store first reads each line it writes (read-for-ownership), a
+// third stream of traffic, for data that is evicted before anyone reads it again. Measured on the 2-core EPYC:
+// normalize of a 102 MB channels-last tensor 4.4 ms with plain stores, 3.4 ms streaming; below the cache size
+// streaming loses (0.65 vs 0.85 ms at 25 MB), since the output would have stayed in L3 for its reader.
+template <typename VecT>
+inline void store_vector(void* p, const VecT& v, bool stream) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if (stream && reinterpret_cast<uintptr_t>(p) % sizeof(VecT) == 0) {
+    if constexpr (sizeof(VecT) == 32) {
+      __m256i bits;
+      std::memcpy(&bits, &v, sizeof(bits));
+      _mm256_stream_si256(static_cast<__m256i*>(p), bits);
+      return;
+    }
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (sizeof(VecT) == 64) {
+      __m512i bits;
+      std::memcpy(&bits, &v, sizeof(bits));
+      _mm512_stream_si512(static_cast<__m512i*>(p), bits);
+      return;
+    }
+#endif
+  }
+#endif
+  v.store(p);
+}
+
+// Orders a thread's non-temporal stores before the stores that follow (the end of a parallel region).
+inline void stream_fence(bool stream) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if (stream) _mm_sfence();
+#endif
+}
+
 // Loads kWidth elements of scalar_t as kParts vectors of acc_t (16-bit types widen to two float vectors).
 template <typename scalar_t>
 struct VecIO {
@@ -52,6 +87,14 @@ struct VecIO {
       v[0].store(p);
     } else {
       at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p);
+    }
+  }
+  // A non-temporal store where p is aligned to the vector size, a plain store elsewhere.
+  static inline void store(scalar_t* p, const Vec (&v)[kParts], bool stream) {
+    if constexpr (kParts == 1) {
+      store_vector(p, v[0], stream);
+    } else {
+      store_vector(p, at::vec::convert_from_float<scalar_t>(v[0], v[1]), stream);
     }
   }
 };
@@ -87,41 +130,85 @@ inline acc_t hsum(const Vectorized<acc_t>& v) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// kPlanes reductions work on tiles: samples [n0, n1) × channels [c0, c1) × positions [s0, s1) of each plane,
-// at most kTile values. A tile reads runs of (c1 - c0)·(s1 - s0) ≥ kRun contiguous values (one per sample),
-// so short planes (7×7) are read in long sequential runs rather than one 49-value row per channel and sample,
-// and every channel keeps its accumulators in L1 for the whole tile. Each (tile, channel) gives a partial,
-// stored at [slot][c] with slot = (sample group, position chunk).
-constexpr int64_t kRun = 4096;
-constexpr int64_t kTile = 16384;
+// Reductions see both layouts as tiles of runs: `runs` runs of L contiguous positions, run j starting `stride`
+// elements after run j - 1, every position belonging to one channel.
+//   kRows:   a run is one row's channels [c0, c1); stride C, one run per row.
+//   kPlanes: a run is sample n's planes [c0, c1), positions [s0, s1) of each; stride C·S, one run per sample. Short
+//            planes (7×7) put many whole planes in a run, long ones (112×112) are cut into chunks of one plane.
+// Per-position accumulators (L acc_t values each, in L1) take the runs in memory order, kRunGroup runs at a time:
+// the loads stream sequentially, each accumulator vector is loaded and stored once per group, and there is no
+// per-plane loop overhead however short the planes are. A tile's positions are folded into its channels once, at
+// the end. ATen's channels-last reductions also vectorise along C with per-row-block partials.
+constexpr int kRunGroup = 4;
+// Positions per run: three L-value acc_t arrays (shift or mean, and two sums) stay within a 32 KiB L1.
+constexpr int64_t kMaxRun = 2048;
+// Tile shape: at least kMinItems work items when the tensor allows (a constant, so results do not depend on the
+// thread count) and tiles of kMinTile values or more; at least kMinRuns runs per tile (a tile's fixed costs are per position, its work per position
+// and run), narrowing the tile to no fewer than kMinRun positions to get there; at most kMaxRuns runs summed in
+// acc_t before a partial goes to double.
+constexpr int64_t kMinItems = 64;
+constexpr int64_t kMinTile = 16384;  // values: smaller tensors are not cut along the runs
+constexpr int64_t kMinRuns = 64;
+constexpr int64_t kMinRun = 256;
+constexpr int64_t kMaxRuns = 1024;
 
-struct PlaneTiles {
-  int64_t N, C, S, chunk, chunks, cb, cblocks, G, groups;
-  explicit PlaneTiles(const Geometry& g) : N(g.N), C(g.C), S(g.S) {
-    if (S > kRun) {
-      chunks = div_up(S, kRun);
-      chunk = div_up(div_up(S, chunks), 64) * 64;  // equal, vector-aligned chunks
+struct RunTile {
+  int64_t c0, c1;     // channels
+  int64_t len;        // positions per channel in a run (1 for kRows)
+  int64_t base;       // element offset of the first run
+  int64_t stride;     // elements between runs
+  int64_t runs;       // number of runs
+  int64_t slot;       // partial slot: the tile's row of the [slot][C] partial arrays
+  int64_t L() const { return (c1 - c0) * len; }
+};
+
+// Cuts a tensor of either layout into tiles; slot_count(slot) is the number of values per channel in a slot.
+struct RunTiles {
+  Layout layout;
+  int64_t N, C, S;
+  int64_t chunk, chunks;  // kPlanes: positions per run per channel, chunks per plane (kRows: 1, 1)
+  int64_t cb, cblocks;    // channels per tile, channel blocks
+  int64_t G, groups;      // runs (samples or rows) per tile, run groups
+  explicit RunTiles(const Geometry& g) : layout(g.layout), N(g.N), C(g.C), S(g.S) {
+    if (layout == Layout::kPlanes && S > kMaxRun) {
+      chunks = div_up(S, kMaxRun);
+      chunk = std::min(kMaxRun, div_up(div_up(S, chunks), 64) * 64);  // equal, vector-aligned chunks
       chunks = div_up(S, chunk);
     } else {
-      chunk = S;
+      chunk = layout == Layout::kPlanes ? S : 1;
       chunks = 1;
     }
-    cb = std::clamp<int64_t>(kRun / chunk, 1, C);
-    cblocks = div_up(C, cb);
-    G = std::clamp<int64_t>(kTile / (cb * chunk), 1, N);
+    const int64_t cb_max = std::clamp<int64_t>(kMaxRun / chunk, 1, C);
+    const int64_t cb_min = std::clamp<int64_t>(kMinRun / chunk, 1, cb_max);
+    const int64_t min_runs = std::min(N, kMinRuns);
+    for (cb = cb_max;; cb = std::max(cb_min, cb / 2)) {
+      cblocks = div_up(C, cb);
+      const int64_t fewest = div_up(N, kMaxRuns);
+      const int64_t most = std::max(fewest, std::min(N, N * cb * chunk / kMinTile));
+      groups = std::clamp<int64_t>(div_up(kMinItems, cblocks * chunks), fewest, most);
+      G = div_up(N, groups);
+      if (G >= min_runs || cb == cb_min) break;
+    }
     groups = div_up(N, G);
   }
+  int64_t max_L() const { return cb * chunk; }
   int64_t items() const { return groups * cblocks * chunks; }
   int64_t slots() const { return groups * chunks; }
   int64_t grain() const { return std::max<int64_t>(1, kParallelMin / (G * cb * chunk)); }
-  struct Tile {
-    int64_t n0, n1, c0, c1, s0, s1, slot;
-  };
-  Tile at(int64_t item) const {
+  RunTile at(int64_t item) const {
     const int64_t k = item % chunks, rest = item / chunks;
     const int64_t cbi = rest % cblocks, g = rest / cblocks;
-    return {g * G, std::min(N, g * G + G), cbi * cb, std::min(C, cbi * cb + cb), k * chunk,
-            std::min(S, k * chunk + chunk), g * chunks + k};
+    const int64_t n0 = g * G, c0 = cbi * cb, s0 = k * chunk;
+    RunTile t{c0, std::min(C, c0 + cb), std::min(S, s0 + chunk) - s0, 0, 0, std::min(N, n0 + G) - n0,
+              g * chunks + k};
+    if (layout == Layout::kPlanes) {
+      t.base = (n0 * C + c0) * S + s0;
+      t.stride = C * S;
+    } else {
+      t.base = n0 * C + c0;
+      t.stride = C;
+    }
+    return t;
   }
   int64_t slot_count(int64_t slot) const {
     const int64_t g = slot / chunks, k = slot % chunks;
@@ -129,33 +216,52 @@ struct PlaneTiles {
   }
 };
 
-// Adds f(v) over one contiguous run of n values into two vector accumulators (two chains hide the add
-// latency) and a scalar tail.
-template <typename scalar_t, typename VF, typename SF>
-inline void run_sum(const scalar_t* p, int64_t n, Vectorized<at::opmath_type<scalar_t>>& acc,
-                    at::opmath_type<scalar_t>& tail, VF&& vf, SF&& sf) {
-  using IO = VecIO<scalar_t>;
-  using Vec = typename IO::Vec;
-  constexpr int P = IO::kParts;
-  constexpr int64_t W = IO::kWidth;
-  Vec a0(0), a1(0);
+// Calls group(offset, kRunGroup) for each full group of runs, then group(offset, 1) for the runs left.
+template <typename Group>
+inline void run_groups(const RunTile& t, Group&& group) {
+  int64_t j = 0;
+  for (; j + kRunGroup <= t.runs; j += kRunGroup) {
+    group(t.base + j * t.stride, std::integral_constant<int, kRunGroup>{});
+  }
+  for (; j < t.runs; ++j) group(t.base + j * t.stride, std::integral_constant<int, 1>{});
+}
+
+// Inside a group of G runs, prefetches the same positions of the next group's runs: the group's runs are
+// separate streams (a row apart on kRows, a sample apart on kPlanes) that the hardware prefetchers follow late.
+template <int G, typename T>
+inline void prefetch_next_group(const T* p, int64_t stride) {
+  if constexpr (G > 1) {
+    for (int j = 0; j < G; ++j) __builtin_prefetch(p + (G + j) * stride);
+  }
+}
+
+// Vectors per run up to which a tile's sums stay in registers (per float vector; 16-bit types use two).
+constexpr int kRegVectors = 4;
+
+// Expands a per-channel value over a tile's positions: out[i] = f(c0 + i / len).
+template <typename acc_t, typename F>
+inline void expand_channels(const RunTile& t, acc_t* out, F&& f) {
+  for (int64_t j = 0; j < t.c1 - t.c0; ++j) std::fill(out + j * t.len, out + (j + 1) * t.len, f(t.c0 + j));
+}
+
+// Σ of a tile position range in double (a channel's positions after the runs are summed).
+template <typename acc_t>
+inline double position_sum(const acc_t* p, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  double r = 0;
+  if (n < 2 * V) {  // kRows: one position per channel
+    for (int64_t i = 0; i < n; ++i) r += double(p[i]);
+    return r;
+  }
+  Vec a0(acc_t(0)), a1(acc_t(0));
   int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    Vec v[P], u[P];
-    IO::load(p + i, v);
-    IO::load(p + i + W, u);
-    for (int q = 0; q < P; ++q) {
-      a0 = vf(a0, v[q]);
-      a1 = vf(a1, u[q]);
-    }
+  for (; i + 2 * V <= n; i += 2 * V) {
+    a0 = a0 + Vec::loadu(p + i);
+    a1 = a1 + Vec::loadu(p + i + V);
   }
-  for (; i + W <= n; i += W) {
-    Vec v[P];
-    IO::load(p + i, v);
-    for (int q = 0; q < P; ++q) a0 = vf(a0, v[q]);
-  }
-  for (; i < n; ++i) tail = sf(tail, at::opmath_type<scalar_t>(p[i]));
-  acc = acc + (a0 + a1);
+  for (; i < n; ++i) r += double(p[i]);
+  return r + double(hsum(a0 + a1));
 }
 
 // Folds per-slot (count, mean, m2) partials of every channel into a.mean / a.m2 with Chan et al.'s parallel
@@ -172,12 +278,15 @@ void merge_partials(int64_t slots, int64_t C, Count&& count, const part_t* part_
     for (int64_t j = 1; j < slots; ++j) {
       const int64_t n_b = count(j);
       if (n_b == 0) continue;
-      const double frac_b = double(n_b) / double(n + n_b), w = double(n) * frac_b;
+      const double frac_b = double(n_b) / double(n + n_b), frac_a = double(n) / double(n + n_b);
+      const double w = double(n) * frac_b;
       const part_t* pm = part_mean + j * C + begin;
       const part_t* pq = part_m2 + j * C + begin;
       for (int64_t c = 0; c < nc; ++c) {
         const double delta = double(pm[c]) - mean[c];
-        mean[c] = mean[c] + delta * frac_b;
+        // The weighted mean rather than mean + delta·frac_b: a partial mean of inf then stays inf, as torch's
+        // sum would (inf + (finite - inf)·frac is NaN).
+        mean[c] = mean[c] * frac_a + double(pm[c]) * frac_b;
         m2[c] = m2[c] + double(pq[c]) + delta * delta * w;
       }
       n += n_b;
@@ -190,195 +299,94 @@ void merge_partials(int64_t slots, int64_t C, Count&& count, const part_t* part_
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Statistics. Per tile and channel, an exact two-pass (the tile is ≤ kTile values, so the second pass reads
-// cache); the first pass sums x - (the channel's first value in the tile), so a large mean (1e4 + randn) does
-// not lose digits to a growing float sum. Partials are then combined per channel with Chan et al.'s parallel
-// variance merge in double, in a fixed order (independent of the thread count).
-template <typename scalar_t>
-void stats_planes(const StatsArgs<scalar_t>& a) {
-  using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
-  using Vec = typename IO::Vec;
-  constexpr int64_t V = IO::kVec;
-  const int64_t C = a.geom.C, S = a.geom.S;
-  const scalar_t* x = a.x->template data_ptr<scalar_t>();
-  const PlaneTiles pt(a.geom);
-  std::vector<acc_t> part_mean(pt.slots() * C), part_m2(pt.slots() * C);
-
-  at::parallel_for(0, pt.items(), pt.grain(), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(pt.cb * V), tail(pt.cb), center(pt.cb);
-    for (int64_t item = begin; item < end; ++item) {
-      const auto t = pt.at(item);
-      const int64_t nc = t.c1 - t.c0, len = t.s1 - t.s0, count = (t.n1 - t.n0) * len;
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      std::fill(tail.begin(), tail.end(), acc_t(0));
-      for (int64_t j = 0; j < nc; ++j) center[j] = acc_t(x[(t.n0 * C + t.c0 + j) * S + t.s0]);
-      for (int64_t n = t.n0; n < t.n1; ++n) {
-        for (int64_t j = 0; j < nc; ++j) {
-          const Vec k(center[j]);
-          const acc_t ks = center[j];
-          Vec sum = Vec::loadu(&acc[j * V]);
-          run_sum<scalar_t>(
-              x + (n * C + t.c0 + j) * S + t.s0, len, sum, tail[j], [&](Vec s, Vec v) { return s + (v - k); },
-              [&](acc_t s, acc_t v) { return s + (v - ks); });
-          sum.store(&acc[j * V]);
-        }
-      }
-      for (int64_t j = 0; j < nc; ++j) {
-        center[j] = center[j] + (hsum(Vec::loadu(&acc[j * V])) + tail[j]) / acc_t(count);
-      }
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      std::fill(tail.begin(), tail.end(), acc_t(0));
-      for (int64_t n = t.n0; n < t.n1; ++n) {
-        for (int64_t j = 0; j < nc; ++j) {
-          const Vec k(center[j]);
-          const acc_t ks = center[j];
-          Vec sum = Vec::loadu(&acc[j * V]);
-          run_sum<scalar_t>(
-              x + (n * C + t.c0 + j) * S + t.s0, len, sum, tail[j],
-              [&](Vec s, Vec v) {
-                const Vec d = v - k;
-                return at::vec::fmadd(d, d, s);
-              },
-              [&](acc_t s, acc_t v) { return s + (v - ks) * (v - ks); });
-          sum.store(&acc[j * V]);
-        }
-      }
-      for (int64_t j = 0; j < nc; ++j) {
-        part_mean[t.slot * C + t.c0 + j] = center[j];
-        part_m2[t.slot * C + t.c0 + j] = hsum(Vec::loadu(&acc[j * V])) + tail[j];
-      }
-    }
-  });
-
-  merge_partials(pt.slots(), C, [&](int64_t slot) { return pt.slot_count(slot); }, part_mean.data(), part_m2.data(),
-                 a.mean, a.m2);
-}
-
-// kRows reductions: tiles of rows [r0, r1) × channels [c0, c1) (c1 - c0 ≤ kRowChannels, so a tile's per-channel
-// accumulators stay in L1). A tile is read in memory order, kRowGroup rows at a time: each accumulator vector is
-// loaded and stored once per group of rows, and the rows stream sequentially (walking one channel vector down
-// the rows instead would stride by the row length, 4 KiB and more at 1024+ channels, defeating L1 and the
-// prefetchers). ATen's channels-last reductions also vectorise along C with per-row-block partials.
-constexpr int64_t kRowChannels = 1024;
-constexpr int kRowGroup = 4;
-
-struct RowTiles {
-  int64_t R, C, cw, cblocks, B, rblocks;
-  explicit RowTiles(const Geometry& g) : R(g.N), C(g.C) {
-    cw = std::min<int64_t>(C, kRowChannels);
-    cblocks = div_up(C, cw);
-    B = std::clamp<int64_t>(4 * kTile / cw, 16, 1024);
-    B = std::min(B, R);
-    rblocks = div_up(R, B);
-  }
-  int64_t items() const { return rblocks * cblocks; }
-  int64_t grain() const { return std::max<int64_t>(1, kParallelMin / (B * cw)); }
-  void at(int64_t item, int64_t& r0, int64_t& r1, int64_t& c0, int64_t& c1, int64_t& rb) const {
-    rb = item / cblocks;
-    const int64_t cbi = item % cblocks;
-    r0 = rb * B;
-    r1 = std::min(R, r0 + B);
-    c0 = cbi * cw;
-    c1 = std::min(C, c0 + cw);
-  }
-  int64_t count(int64_t rb) const { return std::min(R, rb * B + B) - rb * B; }
-};
-
-// Calls group(r, G) for row groups of G = kRowGroup rows, then G = 1 for the rows left.
-template <typename Group>
-inline void row_groups(int64_t r0, int64_t r1, Group&& group) {
-  int64_t r = r0;
-  for (; r + kRowGroup <= r1; r += kRowGroup) group(r, std::integral_constant<int, kRowGroup>{});
-  for (; r < r1; ++r) group(r, std::integral_constant<int, 1>{});
-}
-
-// Statistics of a tile in one pass with shifted sums: with k = the tile's first row (per channel), Σ(x - k) and
+// Statistics of a tile in one pass of shifted sums: with k = the channel's first value in the tile, Σ(x - k) and
 // Σ(x - k)² in acc_t give mean = k + Σd/n and m2 = Σd² - (Σd)²/n. The shift is one of the channel's own values,
-// so d is of the order of the spread, not of the mean (1e4 + randn keeps its digits: x - k is exact there), and
-// a tile holds at most 1024 rows; tiles are merged in double (merge_partials).
+// so d is of the order of the spread, not of the mean (1e4 + randn keeps its digits: x - k is exact there). A
+// tile sums at most kMaxRuns runs per position; its partial goes to double at once, and merge_partials combines
+// the tiles in a fixed order.
 template <typename scalar_t>
-void stats_rows(const StatsArgs<scalar_t>& a) {
+void stats(const StatsArgs<scalar_t>& a) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   constexpr int P = IO::kParts;
   constexpr int64_t V = IO::kVec, W = IO::kWidth;
-  const int64_t C = a.geom.C;
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
-  const RowTiles rt(a.geom);
+  const RunTiles rt(a.geom);
+  const int64_t C = rt.C;
   // Partials in double: a tile mean of 1e4 + randn data rounded to float would lose the digits the merge needs.
-  std::vector<double> part_mean(rt.rblocks * C), part_m2(rt.rblocks * C);
+  std::vector<double> part_mean(rt.slots() * C), part_m2(rt.slots() * C);
 
   at::parallel_for(0, rt.items(), rt.grain(), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> shift(rt.cw), sum(rt.cw), sq(rt.cw);
+    std::vector<acc_t> shift(rt.max_L()), sum(rt.max_L()), sq(rt.max_L());
     for (int64_t item = begin; item < end; ++item) {
-      int64_t r0, r1, c0, c1, rb;
-      rt.at(item, r0, r1, c0, c1, rb);
-      const int64_t nc = c1 - c0;
-      for (int64_t c = 0; c < nc; ++c) shift[c] = acc_t(x[r0 * C + c0 + c]);
-      std::fill(sum.begin(), sum.begin() + nc, acc_t(0));
-      std::fill(sq.begin(), sq.begin() + nc, acc_t(0));
-      // Rows of at most kNV vectors (64 float channels): the accumulators stay in registers for the whole tile,
-      // and walking the rows one after another is still sequential.
+      const RunTile t = rt.at(item);
+      const int64_t L = t.L();
+      expand_channels(t, shift.data(), [&](int64_t c) { return acc_t(x[t.base + (c - t.c0) * t.len]); });
+      std::fill_n(sum.data(), L, acc_t(0));
+      std::fill_n(sq.data(), L, acc_t(0));
+      // Runs of at most kRegVectors vectors (channels-last with few channels): the sums stay in registers.
       const auto in_registers = [&](auto nv_tag) {
         constexpr int NV = decltype(nv_tag)::value;
         Vec k[NV][P], s[NV][P], s2[NV][P];
-        for (int j = 0; j < NV; ++j) {
+        for (int v = 0; v < NV; ++v) {
           for (int q = 0; q < P; ++q) {
-            k[j][q] = Vec::loadu(&shift[j * W + q * V]);
-            s[j][q] = Vec(acc_t(0));
-            s2[j][q] = Vec(acc_t(0));
+            k[v][q] = Vec::loadu(&shift[v * W + q * V]);
+            s[v][q] = Vec(acc_t(0));
+            s2[v][q] = Vec(acc_t(0));
           }
         }
-        for (int64_t r = r0; r < r1; ++r) {
-          for (int j = 0; j < NV; ++j) {
-            Vec v[P];
-            IO::load(x + r * C + c0 + j * W, v);
+        for (int64_t r = 0; r < t.runs; ++r) {
+          const scalar_t* run = x + t.base + r * t.stride;
+          for (int v = 0; v < NV; ++v) {
+            Vec d[P];
+            IO::load(run + v * W, d);
             for (int q = 0; q < P; ++q) {
-              const Vec d = v[q] - k[j][q];
-              s[j][q] = s[j][q] + d;
-              s2[j][q] = at::vec::fmadd(d, d, s2[j][q]);
+              d[q] = d[q] - k[v][q];
+              s[v][q] = s[v][q] + d[q];
+              s2[v][q] = at::vec::fmadd(d[q], d[q], s2[v][q]);
             }
           }
         }
-        for (int j = 0; j < NV; ++j) {
+        for (int v = 0; v < NV; ++v) {
           for (int q = 0; q < P; ++q) {
-            s[j][q].store(&sum[j * W + q * V]);
-            s2[j][q].store(&sq[j * W + q * V]);
+            s[v][q].store(&sum[v * W + q * V]);
+            s2[v][q].store(&sq[v * W + q * V]);
           }
         }
       };
-      constexpr int kNV = 4 / P;
-      if (nc % W == 0 && nc / W <= kNV) {
-        switch (nc / W) {
+      if (L % W == 0 && L / W <= kRegVectors / P) {
+        switch (L / W) {
           case 1:
             in_registers(std::integral_constant<int, 1>{});
             break;
           case 2:
-            in_registers(std::integral_constant<int, std::min(2, kNV)>{});
+            in_registers(std::integral_constant<int, std::min(2, kRegVectors / P)>{});
             break;
           case 3:
-            in_registers(std::integral_constant<int, std::min(3, kNV)>{});
+            in_registers(std::integral_constant<int, std::min(3, kRegVectors / P)>{});
             break;
-          default:  // nc / W == kNV
-            in_registers(std::integral_constant<int, kNV>{});
+          default:
+            in_registers(std::integral_constant<int, kRegVectors / P>{});
             break;
         }
       } else {
-        row_groups(r0, r1, [&](int64_t r, auto g_tag) {
+        std::fill_n(sum.data(), L, acc_t(0));
+        std::fill_n(sq.data(), L, acc_t(0));
+        run_groups(t, [&](int64_t off, auto g_tag) {
           constexpr int G = decltype(g_tag)::value;
-          const scalar_t* row = x + r * C + c0;
-          int64_t c = 0;
-          for (; c + W <= nc; c += W) {
+          const scalar_t* run = x + off;
+          int64_t i = 0;
+          for (; i + W <= L; i += W) {
             Vec k[P], s[P], s2[P], d[G][P];
+            prefetch_next_group<G>(run + i, t.stride);
             for (int q = 0; q < P; ++q) {
-              k[q] = Vec::loadu(&shift[c + q * V]);
-              s[q] = Vec::loadu(&sum[c + q * V]);
-              s2[q] = Vec::loadu(&sq[c + q * V]);
+              k[q] = Vec::loadu(&shift[i + q * V]);
+              s[q] = Vec::loadu(&sum[i + q * V]);
+              s2[q] = Vec::loadu(&sq[i + q * V]);
             }
             for (int j = 0; j < G; ++j) {
-              IO::load(row + j * C + c, d[j]);
+              IO::load(run + j * t.stride + i, d[j]);
               for (int q = 0; q < P; ++q) d[j][q] = d[j][q] - k[q];
             }
             for (int q = 0; q < P; ++q) {
@@ -387,44 +395,42 @@ void stats_rows(const StatsArgs<scalar_t>& a) {
                 s2[q] = s2[q] + (at::vec::fmadd(d[1][q], d[1][q], d[0][q] * d[0][q]) +
                                  at::vec::fmadd(d[3][q], d[3][q], d[2][q] * d[2][q]));
               } else {
+                static_assert(G == 1);
                 s[q] = s[q] + d[0][q];
                 s2[q] = at::vec::fmadd(d[0][q], d[0][q], s2[q]);
               }
-              s[q].store(&sum[c + q * V]);
-              s2[q].store(&sq[c + q * V]);
+              s[q].store(&sum[i + q * V]);
+              s2[q].store(&sq[i + q * V]);
             }
           }
-          for (; c < nc; ++c) {
+          for (; i < L; ++i) {
             for (int j = 0; j < G; ++j) {
-              const acc_t d = acc_t(row[j * C + c]) - shift[c];
-              sum[c] += d;
-              sq[c] += d * d;
+              const acc_t d = acc_t(run[j * t.stride + i]) - shift[i];
+              sum[i] += d;
+              sq[i] += d * d;
             }
           }
         });
       }
-      const double n = double(r1 - r0);
-      double* out_mean = part_mean.data() + rb * C + c0;
-      double* out_m2 = part_m2.data() + rb * C + c0;
-      for (int64_t c = 0; c < nc; ++c) {
-        const double s = sum[c];
-        out_mean[c] = double(shift[c]) + s / n;
-        const double m2 = double(sq[c]) - s * (s / n);
-        out_m2[c] = m2 < 0 ? 0 : m2;  // rounding only; NaN stays NaN
+      const double inv_n = 1.0 / double(t.runs * t.len);
+      double* out_mean = &part_mean[t.slot * C + t.c0];
+      double* out_m2 = &part_m2[t.slot * C + t.c0];
+      const auto fold = [&](int64_t j, double s, double s2) {
+        out_mean[j] = double(shift[j * t.len]) + s * inv_n;
+        const double m2 = s2 - s * (s * inv_n);
+        out_m2[j] = m2 < 0 ? 0 : m2;  // rounding only; NaN stays NaN
+      };
+      if (t.len == 1) {
+        for (int64_t j = 0; j < L; ++j) fold(j, sum[j], sq[j]);
+      } else {
+        for (int64_t j = 0; j < t.c1 - t.c0; ++j) {
+          fold(j, position_sum(&sum[j * t.len], t.len), position_sum(&sq[j * t.len], t.len));
+        }
       }
     }
   });
-  merge_partials(rt.rblocks, C, [&](int64_t rb) { return rt.count(rb); }, part_mean.data(), part_m2.data(), a.mean,
-                 a.m2);
-}
-
-template <typename scalar_t>
-void stats(const StatsArgs<scalar_t>& a) {
-  if (a.geom.layout == Layout::kPlanes) {
-    stats_planes(a);
-  } else {
-    stats_rows(a);
-  }
+  merge_partials(rt.slots(), C, [&](int64_t slot) { return rt.slot_count(slot); }, part_mean.data(), part_m2.data(),
+                 a.mean, a.m2);
 }
 
 // kPlanes elementwise work items: (plane, chunk of ≤ kSegment positions) in memory order.
@@ -438,11 +444,35 @@ struct PlaneChunks {
   int64_t grain() const { return std::max<int64_t>(1, kParallelMin / chunk); }
 };
 
+// Runs an elementwise pass in parallel: f(offset, length, coef) for every contiguous run (a chunk of a plane on
+// kPlanes, a row on kRows), coef(array) giving the run's view of a per-channel acc_t array. Non-temporal stores
+// (stream) are fenced at the end of each thread's share.
+template <typename acc_t, typename F>
+void elementwise_runs(const Geometry& g, bool stream, F&& f) {
+  if (g.layout == Layout::kPlanes) {
+    const PlaneChunks pc(g);
+    at::parallel_for(0, pc.items, pc.grain(), [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t plane = item / pc.chunks, c = plane % pc.C;
+        const int64_t off = plane * pc.S + (item % pc.chunks) * pc.chunk;
+        f(off, std::min(pc.chunk, (plane + 1) * pc.S - off), [c](const acc_t* v) { return PlaneCoef<acc_t>(v[c]); });
+      }
+      stream_fence(stream);
+    });
+  } else {
+    const int64_t C = g.C;
+    at::parallel_for(0, g.N, std::max<int64_t>(1, kParallelMin / C), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) f(r * C, C, [](const acc_t* v) { return RowCoef<acc_t>(v); });
+      stream_fence(stream);
+    });
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Normalize: one contiguous run of n elements whose coefficients come from Coef (plane or row).
 template <typename scalar_t, bool kResidual, bool kRelu, typename Coef>
 inline void normalize_run(const scalar_t* x, const scalar_t* res, scalar_t* y, int64_t n, const Coef& mean,
-                          const Coef& scale, const Coef& shift) {
+                          const Coef& scale, const Coef& shift, bool stream) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
@@ -459,7 +489,7 @@ inline void normalize_run(const scalar_t* x, const scalar_t* res, scalar_t* y, i
       if constexpr (kRelu) o = Vec::blendv(o, zero, o < zero);
       v[q] = o;
     }
-    IO::store(y + i, v);
+    IO::store(y + i, v, stream);
   }
   for (; i < n; ++i) {
     acc_t o = pre_activation(acc_t(x[i]) - mean.at(i), scale.at(i), shift.at(i));
@@ -472,32 +502,14 @@ inline void normalize_run(const scalar_t* x, const scalar_t* res, scalar_t* y, i
 template <typename scalar_t, bool kResidual, bool kRelu>
 void normalize_impl(const NormalizeArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Geometry& g = a.geom;
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
   const scalar_t* res = kResidual ? a.residual->template data_ptr<scalar_t>() : nullptr;
   scalar_t* y = a.y->template data_ptr<scalar_t>();
-  if (g.layout == Layout::kPlanes) {
-    const PlaneChunks pc(g);
-    at::parallel_for(0, pc.items, pc.grain(), [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t plane = item / pc.chunks, c = plane % pc.C;
-        const int64_t off = plane * pc.S + (item % pc.chunks) * pc.chunk;
-        const int64_t n = std::min(pc.chunk, (plane + 1) * pc.S - off);
-        normalize_run<scalar_t, kResidual, kRelu>(x + off, kResidual ? res + off : nullptr, y + off, n,
-                                                  PlaneCoef<acc_t>(a.mean[c]), PlaneCoef<acc_t>(a.scale[c]),
-                                                  PlaneCoef<acc_t>(a.shift[c]));
-      }
-    });
-  } else {
-    const int64_t C = g.C;
-    at::parallel_for(0, g.N, std::max<int64_t>(1, kParallelMin / C), [&](int64_t begin, int64_t end) {
-      const RowCoef<acc_t> mean(a.mean), scale(a.scale), shift(a.shift);
-      for (int64_t r = begin; r < end; ++r) {
-        normalize_run<scalar_t, kResidual, kRelu>(x + r * C, kResidual ? res + r * C : nullptr, y + r * C, C, mean,
-                                                  scale, shift);
-      }
-    });
-  }
+  const bool stream = a.y->nbytes() > streaming_store_bytes();
+  elementwise_runs<acc_t>(a.geom, stream, [&](int64_t off, int64_t n, auto coef) {
+    normalize_run<scalar_t, kResidual, kRelu>(x + off, kResidual ? res + off : nullptr, y + off, n, coef(a.mean),
+                                              coef(a.scale), coef(a.shift), stream);
+  });
 }
 
 template <typename scalar_t>
@@ -509,7 +521,7 @@ void normalize(const NormalizeArgs<scalar_t>& a) {
 
 // ---------------------------------------------------------------------------------------------------------
 // Backward reduction: g (masked dy) and g·(x - mean), per channel, on the same tiles as the statistics;
-// per-tile float sums, combined per channel in double.
+// per-position acc_t sums, per-tile partials in double, summed over the tiles in a fixed order.
 template <typename T, bool kResidual, bool kRelu>
 inline T masked(T dy, T xmu, T scale, T shift, T res) {
   if constexpr (kRelu) {
@@ -533,173 +545,101 @@ inline T masked_scalar(T dy, T xmu, T scale, T shift, T res) {
 }
 
 template <typename scalar_t, bool kResidual, bool kRelu>
-void backward_reduce_planes(const ReduceArgs<scalar_t>& a) {
+void backward_reduce_impl(const ReduceArgs<scalar_t>& a) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   constexpr int P = IO::kParts;
   constexpr int64_t V = IO::kVec, W = IO::kWidth;
-  const int64_t C = a.geom.C, S = a.geom.S;
   const scalar_t* dy = a.dy->template data_ptr<scalar_t>();
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
   const scalar_t* res = kResidual ? a.residual->template data_ptr<scalar_t>() : nullptr;
-  const PlaneTiles pt(a.geom);
-  std::vector<acc_t> part_g(pt.slots() * C), part_gx(pt.slots() * C);
-
-  at::parallel_for(0, pt.items(), pt.grain(), [&](int64_t begin, int64_t end) {
-    // Per-channel vector accumulators as plain acc_t arrays (loadu/store): std::vector<Vectorized> would be
-    // built by baseline-target library code that cannot inline the AVX constructors.
-    std::vector<acc_t> acc_g(pt.cb * V), acc_gx(pt.cb * V);
-    std::vector<acc_t> tail_g(pt.cb), tail_gx(pt.cb);
-    for (int64_t item = begin; item < end; ++item) {
-      const auto t = pt.at(item);
-      const int64_t nc = t.c1 - t.c0, len = t.s1 - t.s0;
-      std::fill(acc_g.begin(), acc_g.end(), acc_t(0));
-      std::fill(acc_gx.begin(), acc_gx.end(), acc_t(0));
-      std::fill(tail_g.begin(), tail_g.end(), acc_t(0));
-      std::fill(tail_gx.begin(), tail_gx.end(), acc_t(0));
-      for (int64_t n = t.n0; n < t.n1; ++n) {
-        for (int64_t j = 0; j < nc; ++j) {
-          const int64_t c = t.c0 + j, off = (n * C + c) * S + t.s0;
-          const acc_t mean = a.mean[c], scale = a.scale[c], shift = a.shift[c];
-          const Vec vmean(mean), vscale(scale), vshift(shift);
-          Vec sg0(acc_t(0)), sg1(acc_t(0)), sx0(acc_t(0)), sx1(acc_t(0));
-          const auto step = [&](int64_t i, Vec& sg, Vec& sx) {
-            Vec d[P], v[P], r[P];
-            IO::load(dy + off + i, d);
-            IO::load(x + off + i, v);
-            if constexpr (kResidual) IO::load(res + off + i, r);
-            for (int q = 0; q < P; ++q) {
-              const Vec xmu = v[q] - vmean;
-              const Vec g =
-                  masked<Vec, kResidual, kRelu>(d[q], xmu, vscale, vshift, kResidual ? r[q] : Vec(acc_t(0)));
-              sg = sg + g;
-              sx = at::vec::fmadd(g, xmu, sx);
-            }
-          };
-          int64_t i = 0;
-          for (; i + 2 * W <= len; i += 2 * W) {  // two chains hide the add latency
-            step(i, sg0, sx0);
-            step(i + W, sg1, sx1);
-          }
-          for (; i + W <= len; i += W) step(i, sg0, sx0);
-          for (; i < len; ++i) {
-            const acc_t xmu = acc_t(x[off + i]) - mean;
-            const acc_t g = masked_scalar<acc_t, kResidual, kRelu>(acc_t(dy[off + i]), xmu, scale, shift,
-                                                                   kResidual ? acc_t(res[off + i]) : acc_t(0));
-            tail_g[j] += g;
-            tail_gx[j] += g * xmu;
-          }
-          (Vec::loadu(&acc_g[j * V]) + (sg0 + sg1)).store(&acc_g[j * V]);
-          (Vec::loadu(&acc_gx[j * V]) + (sx0 + sx1)).store(&acc_gx[j * V]);
-        }
-      }
-      for (int64_t j = 0; j < nc; ++j) {
-        part_g[t.slot * C + t.c0 + j] = hsum(Vec::loadu(&acc_g[j * V])) + tail_g[j];
-        part_gx[t.slot * C + t.c0 + j] = hsum(Vec::loadu(&acc_gx[j * V])) + tail_gx[j];
-      }
-    }
-  });
-
-  const int64_t slots = pt.slots();
-  for (int64_t c = 0; c < C; ++c) {
-    double tg = 0, tgx = 0;
-    for (int64_t j = 0; j < slots; ++j) {
-      tg += part_g[j * C + c];
-      tgx += part_gx[j * C + c];
-    }
-    a.sum_g[c] = static_cast<acc_t>(tg);
-    a.sum_gxmu[c] = static_cast<acc_t>(tgx);
-  }
-}
-
-template <typename scalar_t, bool kResidual, bool kRelu>
-void backward_reduce_rows(const ReduceArgs<scalar_t>& a) {
-  using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
-  using Vec = typename IO::Vec;
-  constexpr int P = IO::kParts;
-  constexpr int64_t V = IO::kVec, W = IO::kWidth;
-  const int64_t C = a.geom.C;
-  const scalar_t* dy = a.dy->template data_ptr<scalar_t>();
-  const scalar_t* x = a.x->template data_ptr<scalar_t>();
-  const scalar_t* res = kResidual ? a.residual->template data_ptr<scalar_t>() : nullptr;
-  const RowTiles rt(a.geom);
-  std::vector<acc_t> part_g(rt.rblocks * C), part_gx(rt.rblocks * C);
+  const RunTiles rt(a.geom);
+  const int64_t C = rt.C;
+  std::vector<double> part_g(rt.slots() * C), part_gx(rt.slots() * C);
 
   at::parallel_for(0, rt.items(), rt.grain(), [&](int64_t begin, int64_t end) {
+    const int64_t n_coef = kRelu ? 3 : 1;  // mean (and scale, shift for the mask) per position
+    std::vector<acc_t> coef(n_coef * rt.max_L()), sum_g(rt.max_L()), sum_gx(rt.max_L());
     for (int64_t item = begin; item < end; ++item) {
-      int64_t r0, r1, c0, c1, rb;
-      rt.at(item, r0, r1, c0, c1, rb);
-      const int64_t nc = c1 - c0;
-      // The tile's accumulators live in its rows of the partial arrays (L1-sized: ≤ kRowChannels per array).
-      acc_t* acc_g = part_g.data() + rb * C + c0;
-      acc_t* acc_gx = part_gx.data() + rb * C + c0;
-      std::fill(acc_g, acc_g + nc, acc_t(0));
-      std::fill(acc_gx, acc_gx + nc, acc_t(0));
-      const acc_t* mean_p = a.mean + c0;
-      const acc_t* scale_p = a.scale + c0;
-      const acc_t* shift_p = a.shift + c0;
-      row_groups(r0, r1, [&](int64_t r, auto g_tag) {
+      const RunTile t = rt.at(item);
+      const int64_t L = t.L();
+      acc_t* mean_p = coef.data();
+      acc_t* scale_p = mean_p + (kRelu ? L : 0);
+      acc_t* shift_p = scale_p + (kRelu ? L : 0);
+      expand_channels(t, mean_p, [&](int64_t c) { return a.mean[c]; });
+      if constexpr (kRelu) {
+        expand_channels(t, scale_p, [&](int64_t c) { return a.scale[c]; });
+        expand_channels(t, shift_p, [&](int64_t c) { return a.shift[c]; });
+      }
+      std::fill_n(sum_g.data(), L, acc_t(0));
+      std::fill_n(sum_gx.data(), L, acc_t(0));
+      run_groups(t, [&](int64_t off, auto g_tag) {
         constexpr int G = decltype(g_tag)::value;
-        const int64_t base = r * C + c0;
-        int64_t c = 0;
-        for (; c + W <= nc; c += W) {
+        int64_t i = 0;
+        for (; i + W <= L; i += W) {
           Vec mean[P], scale[P], shift[P], sg[P], sgx[P];
+          prefetch_next_group<G>(dy + off + i, t.stride);
+          prefetch_next_group<G>(x + off + i, t.stride);
           for (int q = 0; q < P; ++q) {
-            const int64_t cc = c + q * V;
-            mean[q] = Vec::loadu(mean_p + cc);
+            const int64_t ii = i + q * V;
+            mean[q] = Vec::loadu(mean_p + ii);
             if constexpr (kRelu) {
-              scale[q] = Vec::loadu(scale_p + cc);
-              shift[q] = Vec::loadu(shift_p + cc);
+              scale[q] = Vec::loadu(scale_p + ii);
+              shift[q] = Vec::loadu(shift_p + ii);
             }
-            sg[q] = Vec::loadu(acc_g + cc);
-            sgx[q] = Vec::loadu(acc_gx + cc);
+            sg[q] = Vec::loadu(&sum_g[ii]);
+            sgx[q] = Vec::loadu(&sum_gx[ii]);
           }
           for (int j = 0; j < G; ++j) {
-            const int64_t off = base + j * C + c;
-            Vec d[P], v[P], rr[P];
-            IO::load(dy + off, d);
-            IO::load(x + off, v);
-            if constexpr (kResidual) IO::load(res + off, rr);
+            const int64_t o = off + j * t.stride + i;
+            Vec d[P], v[P], r[P];
+            IO::load(dy + o, d);
+            IO::load(x + o, v);
+            if constexpr (kResidual) IO::load(res + o, r);
             for (int q = 0; q < P; ++q) {
               const Vec xmu = v[q] - mean[q];
               const Vec g =
-                  masked<Vec, kResidual, kRelu>(d[q], xmu, scale[q], shift[q], kResidual ? rr[q] : Vec(acc_t(0)));
+                  masked<Vec, kResidual, kRelu>(d[q], xmu, scale[q], shift[q], kResidual ? r[q] : Vec(acc_t(0)));
               sg[q] = sg[q] + g;
               sgx[q] = at::vec::fmadd(g, xmu, sgx[q]);
             }
           }
           for (int q = 0; q < P; ++q) {
-            sg[q].store(acc_g + c + q * V);
-            sgx[q].store(acc_gx + c + q * V);
+            sg[q].store(&sum_g[i + q * V]);
+            sgx[q].store(&sum_gx[i + q * V]);
           }
         }
-        for (; c < nc; ++c) {
+        for (; i < L; ++i) {
           for (int j = 0; j < G; ++j) {
-            const int64_t off = base + j * C + c;
-            const acc_t xmu = acc_t(x[off]) - mean_p[c];
-            const acc_t g = masked_scalar<acc_t, kResidual, kRelu>(acc_t(dy[off]), xmu, scale_p[c], shift_p[c],
-                                                                   kResidual ? acc_t(res[off]) : acc_t(0));
-            acc_g[c] += g;
-            acc_gx[c] += g * xmu;
+            const int64_t o = off + j * t.stride + i;
+            const acc_t xmu = acc_t(x[o]) - mean_p[i];
+            const acc_t g = masked_scalar<acc_t, kResidual, kRelu>(acc_t(dy[o]), xmu, kRelu ? scale_p[i] : acc_t(0),
+                                                                   kRelu ? shift_p[i] : acc_t(0),
+                                                                   kResidual ? acc_t(res[o]) : acc_t(0));
+            sum_g[i] += g;
+            sum_gx[i] += g * xmu;
           }
         }
       });
+      for (int64_t j = 0; j < t.c1 - t.c0; ++j) {
+        part_g[t.slot * C + t.c0 + j] = position_sum(&sum_g[j * t.len], t.len);
+        part_gx[t.slot * C + t.c0 + j] = position_sum(&sum_gx[j * t.len], t.len);
+      }
     }
   });
 
-  std::vector<double> tg(C, 0.0), tgx(C, 0.0);
-  for (int64_t rb = 0; rb < rt.rblocks; ++rb) {
-    for (int64_t c = 0; c < C; ++c) {
-      tg[c] += part_g[rb * C + c];
-      tgx[c] += part_gx[rb * C + c];
+  at::parallel_for(0, C, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      double tg = 0, tgx = 0;
+      for (int64_t slot = 0; slot < rt.slots(); ++slot) {
+        tg += part_g[slot * C + c];
+        tgx += part_gx[slot * C + c];
+      }
+      a.sum_g[c] = static_cast<acc_t>(tg);
+      a.sum_gxmu[c] = static_cast<acc_t>(tgx);
     }
-  }
-  for (int64_t c = 0; c < C; ++c) {
-    a.sum_g[c] = static_cast<acc_t>(tg[c]);
-    a.sum_gxmu[c] = static_cast<acc_t>(tgx[c]);
-  }
+  });
 }
 
 template <typename scalar_t>
@@ -707,13 +647,7 @@ void backward_reduce(const ReduceArgs<scalar_t>& a) {
   // The residual only matters through the ReLU mask.
   BOOL_SWITCH(a.relu && a.residual != nullptr, kResidual, [&] {
     BOOL_SWITCH(a.relu, kRelu, [&] {
-      if constexpr (!kResidual || kRelu) {
-        if (a.geom.layout == Layout::kPlanes) {
-          backward_reduce_planes<scalar_t, kResidual, kRelu>(a);
-        } else {
-          backward_reduce_rows<scalar_t, kResidual, kRelu>(a);
-        }
-      }
+      if constexpr (!kResidual || kRelu) backward_reduce_impl<scalar_t, kResidual, kRelu>(a);
     });
   });
 }
@@ -723,7 +657,7 @@ void backward_reduce(const ReduceArgs<scalar_t>& a) {
 template <typename scalar_t, bool kResidual, bool kRelu, bool kTrain, typename Coef>
 inline void backward_run(const scalar_t* dy, const scalar_t* x, const scalar_t* res, scalar_t* dx, scalar_t* gout,
                          int64_t n, const Coef& mean, const Coef& scale, const Coef& shift, const Coef& k,
-                         const Coef& p, const Coef& q) {
+                         const Coef& p, const Coef& q, bool stream) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
@@ -752,8 +686,8 @@ inline void backward_run(const scalar_t* dy, const scalar_t* x, const scalar_t* 
         out[j] = g * k.vec(i, j);
       }
     }
-    if (dx != nullptr) IO::store(dx + i, out);
-    if (gout != nullptr) IO::store(gout + i, d);
+    if (dx != nullptr) IO::store(dx + i, out, stream);
+    if (gout != nullptr) IO::store(gout + i, d, stream);
   }
   for (; i < n; ++i) {
     acc_t g = acc_t(dy[i]);
@@ -772,7 +706,6 @@ inline void backward_run(const scalar_t* dy, const scalar_t* x, const scalar_t* 
 template <typename scalar_t, bool kResidual, bool kRelu, bool kTrain>
 void backward_elementwise_impl(const ElementwiseArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Geometry& g = a.geom;
   const scalar_t* dy = a.dy->template data_ptr<scalar_t>();
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
   const scalar_t* res = kResidual ? a.residual->template data_ptr<scalar_t>() : nullptr;
@@ -780,31 +713,13 @@ void backward_elementwise_impl(const ElementwiseArgs<scalar_t>& a) {
   scalar_t* gout = a.g_out != nullptr ? a.g_out->template data_ptr<scalar_t>() : nullptr;
   const acc_t* p_arr = kTrain ? a.p : a.k;  // p, q unused when !kTrain
   const acc_t* q_arr = kTrain ? a.q : a.k;
-  if (g.layout == Layout::kPlanes) {
-    const PlaneChunks pc(g);
-    at::parallel_for(0, pc.items, pc.grain(), [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t plane = item / pc.chunks, c = plane % pc.C;
-        const int64_t off = plane * pc.S + (item % pc.chunks) * pc.chunk;
-        const int64_t n = std::min(pc.chunk, (plane + 1) * pc.S - off);
-        backward_run<scalar_t, kResidual, kRelu, kTrain>(
-            dy + off, x + off, kResidual ? res + off : nullptr, dx ? dx + off : nullptr, gout ? gout + off : nullptr,
-            n, PlaneCoef<acc_t>(a.mean[c]), PlaneCoef<acc_t>(a.scale[c]), PlaneCoef<acc_t>(a.shift[c]),
-            PlaneCoef<acc_t>(a.k[c]), PlaneCoef<acc_t>(p_arr[c]), PlaneCoef<acc_t>(q_arr[c]));
-      }
-    });
-  } else {
-    const int64_t C = g.C;
-    at::parallel_for(0, g.N, std::max<int64_t>(1, kParallelMin / C), [&](int64_t begin, int64_t end) {
-      const RowCoef<acc_t> mean(a.mean), scale(a.scale), shift(a.shift), k(a.k), p(p_arr), q(q_arr);
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t off = r * C;
-        backward_run<scalar_t, kResidual, kRelu, kTrain>(dy + off, x + off, kResidual ? res + off : nullptr,
-                                                         dx ? dx + off : nullptr, gout ? gout + off : nullptr, C,
-                                                         mean, scale, shift, k, p, q);
-      }
-    });
-  }
+  const bool stream = (a.dx != nullptr ? a.dx : a.g_out)->nbytes() > streaming_store_bytes();
+  elementwise_runs<acc_t>(a.geom, stream, [&](int64_t off, int64_t n, auto coef) {
+    backward_run<scalar_t, kResidual, kRelu, kTrain>(dy + off, x + off, kResidual ? res + off : nullptr,
+                                                     dx ? dx + off : nullptr, gout ? gout + off : nullptr, n,
+                                                     coef(a.mean), coef(a.scale), coef(a.shift), coef(a.k),
+                                                     coef(p_arr), coef(q_arr), stream);
+  });
 }
 
 template <typename scalar_t>
