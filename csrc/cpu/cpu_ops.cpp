@@ -16,6 +16,7 @@
 #include "../ops.h"
 #include "../op_tensors.h"
 #include "kernels.h"
+#include "math.h"
 
 namespace fastbn {
 namespace cpu {
@@ -160,26 +161,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
       const auto mu = channel_values<acc_t>(mean);
       const auto k = coefficients<param_t>(inv.data(), weight, bias, C);
       const Tensor* res = relu && defined(residual) ? &*residual : nullptr;
-
-      if (need_dw || need_db || (need_dx && training)) {
+      const Tensor* dx_p = need_dx ? &dx : nullptr;
+      const Tensor* dr_p = need_dr ? &dr : nullptr;
+      const Geometry ge = classify(input, {&grad_output, res, dx_p, dr_p});
+      const FusedBlocks blocks(ge, static_cast<int64_t>(input.element_size()) * (res != nullptr ? 3 : 2));
+      const auto& kernels = kernels_for<scalar_t>(ge);
+      const bool fused = training && need_dx && blocks.blocks > 0 && kernels.backward_fused != nullptr;
+      if (fused) {
+        kernels.backward_fused({blocks,
+                                {ge, &grad_output, &input, res, mu.data(), k.scale.data(), k.shift.data(), relu,
+                                 sum_g.data(), sum_gxmu.data()},
+                                {ge, &grad_output, &input, res, mu.data(), k.scale.data(), k.shift.data(), relu,
+                                 k.scale.data(), nullptr, nullptr, true, dx_p, dr_p},
+                                inv.data()});
+      }
+      if (!fused && (need_dw || need_db || (need_dx && training))) {
         const Geometry g = classify(input, {&grad_output, res});
         kernels_for<scalar_t>(g).backward_reduce(
             {g, &grad_output, &input, res, mu.data(), k.scale.data(), k.shift.data(), relu, sum_g.data(),
              sum_gxmu.data()});
       }
-      if (need_dx || need_dr) {
+      if (!fused && (need_dx || need_dr)) {
         // dx = scale·g + p·(x - mean) + q; p and q vanish in eval.
         std::vector<acc_t> p(C, acc_t(0)), q(C, acc_t(0));
         for (int64_t c = 0; c < C && training; ++c) {
-          p[c] = -k.scale[c] * inv[c] * inv[c] * sum_gxmu[c] / acc_t(m);
-          q[c] = -k.scale[c] * sum_g[c] / acc_t(m);
+          train_dx_coefficients(k.scale[c], inv[c], sum_g[c], sum_gxmu[c], m, p[c], q[c]);
         }
-        const Tensor* dx_p = need_dx ? &dx : nullptr;
-        const Tensor* dr_p = need_dr ? &dr : nullptr;
-        const Geometry g = classify(input, {&grad_output, res, dx_p, dr_p});
-        kernels_for<scalar_t>(g).backward_elementwise({g, &grad_output, &input, res, mu.data(), k.scale.data(),
-                                                       k.shift.data(), relu, k.scale.data(), p.data(), q.data(),
-                                                       training, dx_p, dr_p});
+        kernels.backward_elementwise({ge, &grad_output, &input, res, mu.data(), k.scale.data(), k.shift.data(), relu,
+                                      k.scale.data(), p.data(), q.data(), training, dx_p, dr_p});
       }
     }
     if (need_dw) {

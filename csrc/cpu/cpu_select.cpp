@@ -45,6 +45,7 @@ const Kernels<scalar_t>& vector_kernels() {
         const Kernels<scalar_t> narrow = avx2::make_kernels<scalar_t>();
         k.normalize = narrow.normalize;
         k.backward_elementwise = narrow.backward_elementwise;
+        k.backward_fused = narrow.backward_fused;
         return k;
       }
       case Capability::kAvx2:

@@ -544,8 +544,18 @@ inline T masked_scalar(T dy, T xmu, T scale, T shift, T res) {
   }
 }
 
+// Per-tile buffers of the backward reduction: mean (and scale, shift for the mask) expanded per position, and
+// the two per-position sums.
+template <typename acc_t, bool kRelu>
+struct ReduceBuffers {
+  std::vector<acc_t> coef, sum_g, sum_gx;
+  explicit ReduceBuffers(int64_t max_L) : coef((kRelu ? 3 : 1) * max_L), sum_g(max_L), sum_gx(max_L) {}
+};
+
+// Sums g and g·(x - mean) of one tile into buf.sum_g / buf.sum_gx, per position.
 template <typename scalar_t, bool kResidual, bool kRelu>
-void backward_reduce_impl(const ReduceArgs<scalar_t>& a) {
+void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
+                          ReduceBuffers<at::opmath_type<scalar_t>, kRelu>& buf) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
@@ -554,77 +564,83 @@ void backward_reduce_impl(const ReduceArgs<scalar_t>& a) {
   const scalar_t* dy = a.dy->template data_ptr<scalar_t>();
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
   const scalar_t* res = kResidual ? a.residual->template data_ptr<scalar_t>() : nullptr;
+  const int64_t L = t.L();
+  acc_t* mean_p = buf.coef.data();
+  acc_t* scale_p = mean_p + (kRelu ? L : 0);
+  acc_t* shift_p = scale_p + (kRelu ? L : 0);
+  acc_t* sum_g = buf.sum_g.data();
+  acc_t* sum_gx = buf.sum_gx.data();
+  expand_channels(t, mean_p, [&](int64_t c) { return a.mean[c]; });
+  if constexpr (kRelu) {
+    expand_channels(t, scale_p, [&](int64_t c) { return a.scale[c]; });
+    expand_channels(t, shift_p, [&](int64_t c) { return a.shift[c]; });
+  }
+  std::fill_n(sum_g, L, acc_t(0));
+  std::fill_n(sum_gx, L, acc_t(0));
+  run_groups(t, [&](int64_t off, auto g_tag) {
+    constexpr int G = decltype(g_tag)::value;
+    int64_t i = 0;
+    for (; i + W <= L; i += W) {
+      Vec mean[P], scale[P], shift[P], sg[P], sgx[P];
+      prefetch_next_group<G>(dy + off + i, t.stride);
+      prefetch_next_group<G>(x + off + i, t.stride);
+      for (int q = 0; q < P; ++q) {
+        const int64_t ii = i + q * V;
+        mean[q] = Vec::loadu(mean_p + ii);
+        if constexpr (kRelu) {
+          scale[q] = Vec::loadu(scale_p + ii);
+          shift[q] = Vec::loadu(shift_p + ii);
+        }
+        sg[q] = Vec::loadu(sum_g + ii);
+        sgx[q] = Vec::loadu(sum_gx + ii);
+      }
+      for (int j = 0; j < G; ++j) {
+        const int64_t o = off + j * t.stride + i;
+        Vec d[P], v[P], r[P];
+        IO::load(dy + o, d);
+        IO::load(x + o, v);
+        if constexpr (kResidual) IO::load(res + o, r);
+        for (int q = 0; q < P; ++q) {
+          const Vec xmu = v[q] - mean[q];
+          const Vec g = masked<Vec, kResidual, kRelu>(d[q], xmu, scale[q], shift[q], kResidual ? r[q] : Vec(acc_t(0)));
+          sg[q] = sg[q] + g;
+          sgx[q] = at::vec::fmadd(g, xmu, sgx[q]);
+        }
+      }
+      for (int q = 0; q < P; ++q) {
+        sg[q].store(sum_g + i + q * V);
+        sgx[q].store(sum_gx + i + q * V);
+      }
+    }
+    for (; i < L; ++i) {
+      for (int j = 0; j < G; ++j) {
+        const int64_t o = off + j * t.stride + i;
+        const acc_t xmu = acc_t(x[o]) - mean_p[i];
+        const acc_t g = masked_scalar<acc_t, kResidual, kRelu>(acc_t(dy[o]), xmu, kRelu ? scale_p[i] : acc_t(0),
+                                                               kRelu ? shift_p[i] : acc_t(0),
+                                                               kResidual ? acc_t(res[o]) : acc_t(0));
+        sum_g[i] += g;
+        sum_gx[i] += g * xmu;
+      }
+    }
+  });
+}
+
+template <typename scalar_t, bool kResidual, bool kRelu>
+void backward_reduce_impl(const ReduceArgs<scalar_t>& a) {
+  using acc_t = at::opmath_type<scalar_t>;
   const RunTiles rt(a.geom);
   const int64_t C = rt.C;
   std::vector<double> part_g(rt.slots() * C), part_gx(rt.slots() * C);
 
   at::parallel_for(0, rt.items(), rt.grain(), [&](int64_t begin, int64_t end) {
-    const int64_t n_coef = kRelu ? 3 : 1;  // mean (and scale, shift for the mask) per position
-    std::vector<acc_t> coef(n_coef * rt.max_L()), sum_g(rt.max_L()), sum_gx(rt.max_L());
+    ReduceBuffers<acc_t, kRelu> buf(rt.max_L());
     for (int64_t item = begin; item < end; ++item) {
       const RunTile t = rt.at(item);
-      const int64_t L = t.L();
-      acc_t* mean_p = coef.data();
-      acc_t* scale_p = mean_p + (kRelu ? L : 0);
-      acc_t* shift_p = scale_p + (kRelu ? L : 0);
-      expand_channels(t, mean_p, [&](int64_t c) { return a.mean[c]; });
-      if constexpr (kRelu) {
-        expand_channels(t, scale_p, [&](int64_t c) { return a.scale[c]; });
-        expand_channels(t, shift_p, [&](int64_t c) { return a.shift[c]; });
-      }
-      std::fill_n(sum_g.data(), L, acc_t(0));
-      std::fill_n(sum_gx.data(), L, acc_t(0));
-      run_groups(t, [&](int64_t off, auto g_tag) {
-        constexpr int G = decltype(g_tag)::value;
-        int64_t i = 0;
-        for (; i + W <= L; i += W) {
-          Vec mean[P], scale[P], shift[P], sg[P], sgx[P];
-          prefetch_next_group<G>(dy + off + i, t.stride);
-          prefetch_next_group<G>(x + off + i, t.stride);
-          for (int q = 0; q < P; ++q) {
-            const int64_t ii = i + q * V;
-            mean[q] = Vec::loadu(mean_p + ii);
-            if constexpr (kRelu) {
-              scale[q] = Vec::loadu(scale_p + ii);
-              shift[q] = Vec::loadu(shift_p + ii);
-            }
-            sg[q] = Vec::loadu(&sum_g[ii]);
-            sgx[q] = Vec::loadu(&sum_gx[ii]);
-          }
-          for (int j = 0; j < G; ++j) {
-            const int64_t o = off + j * t.stride + i;
-            Vec d[P], v[P], r[P];
-            IO::load(dy + o, d);
-            IO::load(x + o, v);
-            if constexpr (kResidual) IO::load(res + o, r);
-            for (int q = 0; q < P; ++q) {
-              const Vec xmu = v[q] - mean[q];
-              const Vec g =
-                  masked<Vec, kResidual, kRelu>(d[q], xmu, scale[q], shift[q], kResidual ? r[q] : Vec(acc_t(0)));
-              sg[q] = sg[q] + g;
-              sgx[q] = at::vec::fmadd(g, xmu, sgx[q]);
-            }
-          }
-          for (int q = 0; q < P; ++q) {
-            sg[q].store(&sum_g[i + q * V]);
-            sgx[q].store(&sum_gx[i + q * V]);
-          }
-        }
-        for (; i < L; ++i) {
-          for (int j = 0; j < G; ++j) {
-            const int64_t o = off + j * t.stride + i;
-            const acc_t xmu = acc_t(x[o]) - mean_p[i];
-            const acc_t g = masked_scalar<acc_t, kResidual, kRelu>(acc_t(dy[o]), xmu, kRelu ? scale_p[i] : acc_t(0),
-                                                                   kRelu ? shift_p[i] : acc_t(0),
-                                                                   kResidual ? acc_t(res[o]) : acc_t(0));
-            sum_g[i] += g;
-            sum_gx[i] += g * xmu;
-          }
-        }
-      });
+      backward_reduce_tile<scalar_t, kResidual, kRelu>(a, t, buf);
       for (int64_t j = 0; j < t.c1 - t.c0; ++j) {
-        part_g[t.slot * C + t.c0 + j] = position_sum(&sum_g[j * t.len], t.len);
-        part_gx[t.slot * C + t.c0 + j] = position_sum(&sum_gx[j * t.len], t.len);
+        part_g[t.slot * C + t.c0 + j] = position_sum(&buf.sum_g[j * t.len], t.len);
+        part_gx[t.slot * C + t.c0 + j] = position_sum(&buf.sum_gx[j * t.len], t.len);
       }
     }
   });
@@ -733,10 +749,74 @@ void backward_elementwise(const ElementwiseArgs<scalar_t>& a) {
   });
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Fused training backward over kPlanes (FusedBlocks, kernels.h): per block of whole channels, one thread sums the
+// block as one tile (all N runs of cb·S positions), turns the sums into the dx coefficients and writes dx plane
+// by plane while the block's dy and x are still in cache. Traffic: 2E read + 1E write (+1E residual read).
+template <typename scalar_t, bool kResidual, bool kRelu>
+void backward_fused_impl(const FusedBackwardArgs<scalar_t>& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const ReduceArgs<scalar_t>& r = a.reduce;
+  const ElementwiseArgs<scalar_t>& e = a.elementwise;
+  const int64_t N = r.geom.N, C = r.geom.C, S = r.geom.S, cb = a.blocks.cb;
+  const scalar_t* dy = r.dy->template data_ptr<scalar_t>();
+  const scalar_t* x = r.x->template data_ptr<scalar_t>();
+  const scalar_t* res = kResidual ? r.residual->template data_ptr<scalar_t>() : nullptr;
+  scalar_t* dx = e.dx != nullptr ? e.dx->template data_ptr<scalar_t>() : nullptr;
+  scalar_t* gout = e.g_out != nullptr ? e.g_out->template data_ptr<scalar_t>() : nullptr;
+  const bool stream = (e.dx != nullptr ? e.dx : e.g_out)->nbytes() > streaming_store_bytes();
+  const int64_t grain = N * C * S < kParallelMin ? a.blocks.blocks : 1;
+  const int64_t chunk = a.blocks.chunk;
+  at::parallel_for(0, a.blocks.blocks, grain, [&](int64_t begin, int64_t end) {
+    ReduceBuffers<acc_t, kRelu> buf(cb * chunk);
+    std::vector<acc_t> p(cb), q(cb);
+    std::vector<double> sum_g(cb), sum_gx(cb);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t c0 = b * cb, c1 = std::min(C, c0 + cb);
+      std::fill(sum_g.begin(), sum_g.end(), 0.0);
+      std::fill(sum_gx.begin(), sum_gx.end(), 0.0);
+      for (int64_t s0 = 0; s0 < S; s0 += chunk) {  // one tile unless a plane is longer than a tile
+        const RunTile t{c0, c1, std::min(chunk, S - s0), c0 * S + s0, C * S, N, 0};
+        backward_reduce_tile<scalar_t, kResidual, kRelu>(r, t, buf);
+        for (int64_t j = 0; j < c1 - c0; ++j) {
+          sum_g[j] += position_sum(&buf.sum_g[j * t.len], t.len);
+          sum_gx[j] += position_sum(&buf.sum_gx[j * t.len], t.len);
+        }
+      }
+      for (int64_t j = 0; j < c1 - c0; ++j) {
+        const int64_t c = c0 + j;
+        r.sum_g[c] = static_cast<acc_t>(sum_g[j]);
+        r.sum_gxmu[c] = static_cast<acc_t>(sum_gx[j]);
+        train_dx_coefficients(e.k[c], a.invstd[c], r.sum_g[c], r.sum_gxmu[c], N * S, p[j], q[j]);
+      }
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t off = (n * C + c) * S;
+          backward_run<scalar_t, kResidual, kRelu, true>(
+              dy + off, x + off, kResidual ? res + off : nullptr, dx ? dx + off : nullptr,
+              gout ? gout + off : nullptr, S, PlaneCoef<acc_t>(e.mean[c]), PlaneCoef<acc_t>(e.scale[c]),
+              PlaneCoef<acc_t>(e.shift[c]), PlaneCoef<acc_t>(e.k[c]), PlaneCoef<acc_t>(p[c - c0]),
+              PlaneCoef<acc_t>(q[c - c0]), stream);
+        }
+      }
+    }
+    stream_fence(stream);
+  });
+}
+
+template <typename scalar_t>
+void backward_fused(const FusedBackwardArgs<scalar_t>& a) {
+  BOOL_SWITCH(a.reduce.relu && a.reduce.residual != nullptr, kResidual, [&] {
+    BOOL_SWITCH(a.reduce.relu, kRelu, [&] {
+      if constexpr (!kResidual || kRelu) backward_fused_impl<scalar_t, kResidual, kRelu>(a);
+    });
+  });
+}
+
 }  // namespace
 
 FASTBN_DEFINE_CPU_KERNELS({&stats<scalar_t>, &normalize<scalar_t>, &backward_reduce<scalar_t>,
-                           &backward_elementwise<scalar_t>})
+                           &backward_elementwise<scalar_t>, &backward_fused<scalar_t>})
 
 }  // namespace FASTBN_CPU_CAP
 }  // namespace cpu

@@ -43,6 +43,14 @@ inline void chan_merge(int64_t& n, acc_t& mean, acc_t& m2, int64_t n_b, acc_t me
   n = n_ab;
 }
 
+// Training-mode dx = k·g + p·(x - mean) + q, with k = invstd·weight: p = -k·invstd²·Σg(x - mean)/m and
+// q = -k·Σg/m over the channel's m values.
+template <typename acc_t>
+inline void train_dx_coefficients(acc_t k, acc_t invstd, acc_t sum_g, acc_t sum_gxmu, int64_t m, acc_t& p, acc_t& q) {
+  p = -k * invstd * invstd * sum_gxmu / acc_t(m);
+  q = -k * sum_g / acc_t(m);
+}
+
 inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
