@@ -78,6 +78,17 @@ struct ElementwiseArgs {
   const at::Tensor* g_out; // nullable
 };
 
+// Equal, vector-aligned chunks of at most max_len positions covering a plane of S positions (S when it fits).
+inline int64_t plane_chunk(int64_t S, int64_t max_len) {
+  if (S <= max_len) return S;
+  const int64_t chunks = (S + max_len - 1) / max_len;
+  return std::min(max_len, ((S + chunks - 1) / chunks + 63) / 64 * 64);
+}
+
+// Positions of a one-channel reduction tile (a long plane): its runs are summed in registers, one run at a time,
+// and folded into double after each run, so a float lane never sums more than kMaxChannelRun / 32 values.
+constexpr int64_t kMaxChannelRun = 16384;
+
 // Blocks of whole channels for the fused training backward: each block's inputs (all samples) stay in cache
 // between its reduction and its elementwise pass, so dy and x are read from memory once (3E instead of 5E).
 // Cut from the shape alone (results do not depend on the thread count).
@@ -88,15 +99,14 @@ struct FusedBlocks {
   static constexpr int64_t kMaxSamples = 1024;    // runs summed per position in acc_t (kMaxRuns)
   int64_t cb = 0;      // channels per block
   int64_t blocks = 0;  // 0: the shape does not fit; use the unfused passes
-  int64_t chunk = 0;   // positions per tile: S, or (one channel per block) equal vector-aligned chunks of a plane
+  int64_t chunk = 0;   // positions per tile: S, or chunks of a long plane (plane_chunk)
   FusedBlocks(const Geometry& g, int64_t input_bytes_per_value) {
     if (g.layout != Layout::kPlanes || g.N > kMaxSamples || g.C < kMinBlocks) return;
     const int64_t channel_bytes = g.N * g.S * input_bytes_per_value;
     cb = std::min({kMaxPositions / g.S, kMaxBytes / channel_bytes, g.C / kMinBlocks});
     cb = std::max<int64_t>(cb, 1);
     blocks = (g.C + cb - 1) / cb;
-    const int64_t chunks = (g.S + kMaxPositions - 1) / kMaxPositions;
-    chunk = chunks == 1 ? g.S : ((g.S + chunks - 1) / chunks + 63) / 64 * 64;
+    chunk = plane_chunk(g.S, cb == 1 ? kMaxChannelRun : kMaxPositions);
   }
 };
 

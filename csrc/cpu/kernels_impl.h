@@ -170,9 +170,8 @@ struct RunTiles {
   int64_t cb, cblocks;    // channels per tile, channel blocks
   int64_t G, groups;      // runs (samples or rows) per tile, run groups
   explicit RunTiles(const Geometry& g) : layout(g.layout), N(g.N), C(g.C), S(g.S) {
-    if (layout == Layout::kPlanes && S > kMaxRun) {
-      chunks = div_up(S, kMaxRun);
-      chunk = std::min(kMaxRun, div_up(div_up(S, chunks), 64) * 64);  // equal, vector-aligned chunks
+    if (layout == Layout::kPlanes && S > kMaxRun) {  // one channel per tile, summed in registers
+      chunk = plane_chunk(S, kMaxChannelRun);
       chunks = div_up(S, chunk);
     } else {
       chunk = layout == Layout::kPlanes ? S : 1;
@@ -191,7 +190,8 @@ struct RunTiles {
     }
     groups = div_up(N, G);
   }
-  int64_t max_L() const { return cb * chunk; }
+  // Per-position buffer length; one-channel plane tiles need none.
+  int64_t max_L() const { return layout == Layout::kPlanes && cb == 1 ? 1 : cb * chunk; }
   int64_t items() const { return groups * cblocks * chunks; }
   int64_t slots() const { return groups * chunks; }
   int64_t grain() const { return std::max<int64_t>(1, kParallelMin / (G * cb * chunk)); }
@@ -264,6 +264,33 @@ inline double position_sum(const acc_t* p, int64_t n) {
   return r + double(hsum(a0 + a1));
 }
 
+// Sums a one-channel tile (a long plane, or a chunk of one) into two double totals: vf(offset, a, b) adds the
+// kWidth values at offset into the vector sums a and b, sf(offset, a, b) one value into scalar sums. The runs are
+// read one after the other, each a sequential stream, with two pairs of vector chains; the sums go to double after
+// each run.
+template <typename scalar_t, typename VF, typename SF>
+inline void one_channel_sums(const RunTile& t, VF&& vf, SF&& sf, double& total_a, double& total_b) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  constexpr int64_t W = IO::kWidth;
+  total_a = total_b = 0;
+  for (int64_t r = 0; r < t.runs; ++r) {
+    const int64_t base = t.base + r * t.stride;
+    Vec a0(acc_t(0)), a1(acc_t(0)), b0(acc_t(0)), b1(acc_t(0));
+    acc_t ta = 0, tb = 0;
+    int64_t i = 0;
+    for (; i + 2 * W <= t.len; i += 2 * W) {
+      vf(base + i, a0, b0);
+      vf(base + i + W, a1, b1);
+    }
+    for (; i + W <= t.len; i += W) vf(base + i, a0, b0);
+    for (; i < t.len; ++i) sf(base + i, ta, tb);
+    total_a += double(hsum(a0 + a1)) + double(ta);
+    total_b += double(hsum(b0 + b1)) + double(tb);
+  }
+}
+
 // Folds per-slot (count, mean, m2) partials of every channel into a.mean / a.m2 with Chan et al.'s parallel
 // variance merge in double, slot by slot in a fixed order (results do not depend on the thread count). A slot's
 // count is the same for all its channels, so the merge weights are computed once per slot and the loop over
@@ -322,6 +349,38 @@ void stats(const StatsArgs<scalar_t>& a) {
     for (int64_t item = begin; item < end; ++item) {
       const RunTile t = rt.at(item);
       const int64_t L = t.L();
+      const double inv_n = 1.0 / double(t.runs * t.len);
+      double* out_mean = &part_mean[t.slot * C + t.c0];
+      double* out_m2 = &part_m2[t.slot * C + t.c0];
+      const auto fold = [&](int64_t j, double k, double s, double s2) {
+        out_mean[j] = k + s * inv_n;
+        const double m2 = s2 - s * (s * inv_n);
+        out_m2[j] = m2 < 0 ? 0 : m2;  // rounding only; NaN stays NaN
+      };
+      if (t.c1 - t.c0 == 1 && t.len > 1) {
+        const acc_t k = acc_t(x[t.base]);
+        const Vec kv(k);
+        double s, s2;
+        one_channel_sums<scalar_t>(
+            t,
+            [&](int64_t o, Vec& a, Vec& b) {
+              Vec v[P];
+              IO::load(x + o, v);
+              for (int q = 0; q < P; ++q) {
+                const Vec d = v[q] - kv;
+                a = a + d;
+                b = at::vec::fmadd(d, d, b);
+              }
+            },
+            [&](int64_t o, acc_t& a, acc_t& b) {
+              const acc_t d = acc_t(x[o]) - k;
+              a += d;
+              b += d * d;
+            },
+            s, s2);
+        fold(0, double(k), s, s2);
+        continue;
+      }
       expand_channels(t, shift.data(), [&](int64_t c) { return acc_t(x[t.base + (c - t.c0) * t.len]); });
       std::fill_n(sum.data(), L, acc_t(0));
       std::fill_n(sq.data(), L, acc_t(0));
@@ -412,19 +471,12 @@ void stats(const StatsArgs<scalar_t>& a) {
           }
         });
       }
-      const double inv_n = 1.0 / double(t.runs * t.len);
-      double* out_mean = &part_mean[t.slot * C + t.c0];
-      double* out_m2 = &part_m2[t.slot * C + t.c0];
-      const auto fold = [&](int64_t j, double s, double s2) {
-        out_mean[j] = double(shift[j * t.len]) + s * inv_n;
-        const double m2 = s2 - s * (s * inv_n);
-        out_m2[j] = m2 < 0 ? 0 : m2;  // rounding only; NaN stays NaN
-      };
       if (t.len == 1) {
-        for (int64_t j = 0; j < L; ++j) fold(j, sum[j], sq[j]);
+        for (int64_t j = 0; j < L; ++j) fold(j, double(shift[j]), sum[j], sq[j]);
       } else {
         for (int64_t j = 0; j < t.c1 - t.c0; ++j) {
-          fold(j, position_sum(&sum[j * t.len], t.len), position_sum(&sq[j * t.len], t.len));
+          fold(j, double(shift[j * t.len]), position_sum(&sum[j * t.len], t.len),
+               position_sum(&sq[j * t.len], t.len));
         }
       }
     }
@@ -552,10 +604,10 @@ struct ReduceBuffers {
   explicit ReduceBuffers(int64_t max_L) : coef((kRelu ? 3 : 1) * max_L), sum_g(max_L), sum_gx(max_L) {}
 };
 
-// Sums g and g·(x - mean) of one tile into buf.sum_g / buf.sum_gx, per position.
+// Sums g and g·(x - mean) of one tile per channel: out_g[j], out_gx[j] for channel t.c0 + j.
 template <typename scalar_t, bool kResidual, bool kRelu>
 void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
-                          ReduceBuffers<at::opmath_type<scalar_t>, kRelu>& buf) {
+                          ReduceBuffers<at::opmath_type<scalar_t>, kRelu>& buf, double* out_g, double* out_gx) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
@@ -565,6 +617,33 @@ void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
   const scalar_t* res = kResidual ? a.residual->template data_ptr<scalar_t>() : nullptr;
   const int64_t L = t.L();
+  if (t.c1 - t.c0 == 1 && t.len > 1) {
+    const acc_t mean = a.mean[t.c0], scale = a.scale[t.c0], shift = a.shift[t.c0];
+    const Vec vmean(mean), vscale(scale), vshift(shift);
+    one_channel_sums<scalar_t>(
+        t,
+        [&](int64_t o, Vec& sg, Vec& sgx) {
+          Vec d[P], v[P], r[P];
+          IO::load(dy + o, d);
+          IO::load(x + o, v);
+          if constexpr (kResidual) IO::load(res + o, r);
+          for (int q = 0; q < P; ++q) {
+            const Vec xmu = v[q] - vmean;
+            const Vec g = masked<Vec, kResidual, kRelu>(d[q], xmu, vscale, vshift, kResidual ? r[q] : Vec(acc_t(0)));
+            sg = sg + g;
+            sgx = at::vec::fmadd(g, xmu, sgx);
+          }
+        },
+        [&](int64_t o, acc_t& sg, acc_t& sgx) {
+          const acc_t xmu = acc_t(x[o]) - mean;
+          const acc_t g = masked_scalar<acc_t, kResidual, kRelu>(acc_t(dy[o]), xmu, scale, shift,
+                                                                 kResidual ? acc_t(res[o]) : acc_t(0));
+          sg += g;
+          sgx += g * xmu;
+        },
+        out_g[0], out_gx[0]);
+    return;
+  }
   acc_t* mean_p = buf.coef.data();
   acc_t* scale_p = mean_p + (kRelu ? L : 0);
   acc_t* shift_p = scale_p + (kRelu ? L : 0);
@@ -624,6 +703,10 @@ void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
       }
     }
   });
+  for (int64_t j = 0; j < t.c1 - t.c0; ++j) {
+    out_g[j] = position_sum(sum_g + j * t.len, t.len);
+    out_gx[j] = position_sum(sum_gx + j * t.len, t.len);
+  }
 }
 
 template <typename scalar_t, bool kResidual, bool kRelu>
@@ -637,11 +720,8 @@ void backward_reduce_impl(const ReduceArgs<scalar_t>& a) {
     ReduceBuffers<acc_t, kRelu> buf(rt.max_L());
     for (int64_t item = begin; item < end; ++item) {
       const RunTile t = rt.at(item);
-      backward_reduce_tile<scalar_t, kResidual, kRelu>(a, t, buf);
-      for (int64_t j = 0; j < t.c1 - t.c0; ++j) {
-        part_g[t.slot * C + t.c0 + j] = position_sum(&buf.sum_g[j * t.len], t.len);
-        part_gx[t.slot * C + t.c0 + j] = position_sum(&buf.sum_gx[j * t.len], t.len);
-      }
+      backward_reduce_tile<scalar_t, kResidual, kRelu>(a, t, buf, &part_g[t.slot * C + t.c0],
+                                                       &part_gx[t.slot * C + t.c0]);
     }
   });
 
@@ -770,17 +850,17 @@ void backward_fused_impl(const FusedBackwardArgs<scalar_t>& a) {
   at::parallel_for(0, a.blocks.blocks, grain, [&](int64_t begin, int64_t end) {
     ReduceBuffers<acc_t, kRelu> buf(cb * chunk);
     std::vector<acc_t> p(cb), q(cb);
-    std::vector<double> sum_g(cb), sum_gx(cb);
+    std::vector<double> sum_g(cb), sum_gx(cb), tile_g(cb), tile_gx(cb);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t c0 = b * cb, c1 = std::min(C, c0 + cb);
       std::fill(sum_g.begin(), sum_g.end(), 0.0);
       std::fill(sum_gx.begin(), sum_gx.end(), 0.0);
       for (int64_t s0 = 0; s0 < S; s0 += chunk) {  // one tile unless a plane is longer than a tile
         const RunTile t{c0, c1, std::min(chunk, S - s0), c0 * S + s0, C * S, N, 0};
-        backward_reduce_tile<scalar_t, kResidual, kRelu>(r, t, buf);
+        backward_reduce_tile<scalar_t, kResidual, kRelu>(r, t, buf, tile_g.data(), tile_gx.data());
         for (int64_t j = 0; j < c1 - c0; ++j) {
-          sum_g[j] += position_sum(&buf.sum_g[j * t.len], t.len);
-          sum_gx[j] += position_sum(&buf.sum_gx[j * t.len], t.len);
+          sum_g[j] += tile_g[j];
+          sum_gx[j] += tile_gx[j];
         }
       }
       for (int64_t j = 0; j < c1 - c0; ++j) {
