@@ -268,15 +268,24 @@ inline double position_sum(const acc_t* p, int64_t n) {
 // kWidth values at offset into the vector sums a and b, sf(offset, a, b) one value into scalar sums. The runs are
 // read one after the other, each a sequential stream, with two pairs of vector chains; the sums go to double after
 // each run.
-template <typename scalar_t, typename VF, typename SF>
-inline void one_channel_sums(const RunTile& t, VF&& vf, SF&& sf, double& total_a, double& total_b) {
+// pf(offset) prefetches every input at offset: while a run is summed, the first kRunPrefetchBytes of the next one
+// are requested, so the hardware prefetchers (which stop at page boundaries) find the next stream under way.
+constexpr int64_t kRunPrefetchBytes = 2048;
+
+template <typename scalar_t, typename VF, typename SF, typename PF>
+inline void one_channel_sums(const RunTile& t, VF&& vf, SF&& sf, PF&& pf, double& total_a, double& total_b) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   constexpr int64_t W = IO::kWidth;
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);
   total_a = total_b = 0;
   for (int64_t r = 0; r < t.runs; ++r) {
     const int64_t base = t.base + r * t.stride;
+    if (r + 1 < t.runs) {
+      const int64_t ahead = std::min<int64_t>(t.len, kRunPrefetchBytes / sizeof(scalar_t));
+      for (int64_t i = 0; i < ahead; i += kLine) pf(base + t.stride + i);
+    }
     Vec a0(acc_t(0)), a1(acc_t(0)), b0(acc_t(0)), b1(acc_t(0));
     acc_t ta = 0, tb = 0;
     int64_t i = 0;
@@ -377,7 +386,7 @@ void stats(const StatsArgs<scalar_t>& a) {
               a += d;
               b += d * d;
             },
-            s, s2);
+            [&](int64_t o) { __builtin_prefetch(x + o); }, s, s2);
         fold(0, double(k), s, s2);
         continue;
       }
@@ -640,6 +649,11 @@ void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
                                                                  kResidual ? acc_t(res[o]) : acc_t(0));
           sg += g;
           sgx += g * xmu;
+        },
+        [&](int64_t o) {
+          __builtin_prefetch(dy + o);
+          __builtin_prefetch(x + o);
+          if constexpr (kResidual) __builtin_prefetch(res + o);
         },
         out_g[0], out_gx[0]);
     return;
