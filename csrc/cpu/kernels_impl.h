@@ -3,17 +3,19 @@
 // FASTBN_CPU_CAP naming the namespace the copy lives in (so copies never collide at link time).
 //
 // Passes over memory (E = numel × element size):
-//   stats                 1E read. kPlanes: tiles of ≤ kTile values reduced exactly in two passes (the second
-//                         from L2); kRows: one pass of shifted sums per (row block × channel block) tile. The
-//                         per-tile partials are folded per channel with Chan's merge in double.
+//   stats                 1E read, one pass of shifted sums per tile (RunTiles: runs of contiguous positions,
+//                         summed per position in L1, or per channel in registers for long planes); per-tile
+//                         partials in double, folded per channel with Chan's merge.
 //   normalize             1E read + 1E write (+1E read of the residual).
-//   backward_reduce       2E read (x, dy) (+1E residual when the ReLU mask needs it).
+//   backward_reduce       2E read (x, dy) (+1E residual when the ReLU mask needs it), on the same tiles.
 //   backward_elementwise  2E read + 1E write (dy only when eval without ReLU: 1E + 1E; +1E for g_out).
-// Parallelisation (at::parallel_for over work items, both layouts): kPlanes reductions use tiles of
-// (sample group × channel block × position chunk), elementwise ops (plane, chunk) items, so a (20, 6, 65536)
-// and a (32, 2048, 7, 7) input both feed every thread; kRows uses (row block × channel block) tiles and
-// row ranges. Reductions write per-tile partials merged in a fixed order: results do not depend on the
-// thread count.
+//   backward_fused        training backward on kPlanes: 2E read + 1E write, per block of whole channels
+//                         (FusedBlocks, kernels.h) reduced and then differentiated from cache by one thread.
+// Outputs larger than the last-level cache are written with non-temporal stores (store_vector).
+// Parallelisation (at::parallel_for over work items, both layouts): reductions use tiles of (run group ×
+// channel block × position chunk) cut from the shape alone, elementwise ops (plane, chunk) items or row
+// ranges, so a (20, 6, 65536) and a (32, 2048, 7, 7) input both feed every thread. Reductions write per-tile
+// partials merged in a fixed order: results do not depend on the thread count.
 #ifndef FASTBN_CPU_CAP
 #error "define FASTBN_CPU_CAP before including kernels_impl.h"
 #endif
