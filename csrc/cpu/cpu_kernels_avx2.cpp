@@ -6,32 +6,12 @@
 #include "kernels_prelude.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTBN_CPU_HAVE_AVX2 1
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
-// g++ does not update the target macros after a target pragma in C++ (it lexes ahead), and sleef.h,
-// which at::vec includes, declares its vector functions only under them.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-
-#include "math.h"
-
 #define FASTBN_CPU_CAP avx2
-#include "kernels_impl.h"
+#include "kernels_build.h"
 #pragma GCC pop_options
 
 #else

@@ -4,10 +4,5 @@
 
 #include "kernels_prelude.h"
 
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-
-#include "math.h"
-
 #define FASTBN_CPU_CAP dflt
-#include "kernels_impl.h"
+#include "kernels_build.h"
