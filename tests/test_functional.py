@@ -277,14 +277,10 @@ def test_output_layout(shape, fmt, dtype, training):
         assert y.stride() == F.batch_norm(x, running_mean, running_var, weight, bias, training).stride()
 
 
-@pytest.mark.parametrize("use_residual,relu", EPILOGUES)
-@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("shape", [(8, 37, 15, 17), (2, 67, 9, 8)], ids=["8x37x15x17", "2x67x9x8"])
-def test_larger_shapes(shape, dtype, fmt, use_residual, relu):
-    """Sizes past one SIMD vector and past a parallel grain, channel counts not a multiple of the width."""
+def check_training_step(shape, dtype, fmt, use_residual, relu, param_dtype=torch.float32):
+    """One training forward and backward with the given epilogue match torch: output, running statistics, grads."""
     x0 = make_input(shape, dtype, fmt)
-    w0, b0, running_mean, running_var = make_params(shape[1])
+    w0, b0, running_mean, running_var = make_params(shape[1], param_dtype)
     r0 = make_like(x0) if use_residual else None
     dy = make_like(x0)
     x, weight, bias, residual = leaf(x0), leaf(w0), leaf(b0), leaf(r0)
@@ -297,6 +293,15 @@ def test_larger_shapes(shape, dtype, fmt, use_residual, relu):
     assert_close(rv, ref.running_var, msg="running_var")
     assert_grads_close({"input": x.grad, "weight": weight.grad, "bias": bias.grad,
                         "residual": None if residual is None else residual.grad}, ref)
+
+
+@pytest.mark.parametrize("use_residual,relu", EPILOGUES)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape", [(8, 37, 15, 17), (2, 67, 9, 8)], ids=["8x37x15x17", "2x67x9x8"])
+def test_larger_shapes(shape, dtype, fmt, use_residual, relu):
+    """Sizes past one SIMD vector and past a parallel grain, channel counts not a multiple of the width."""
+    check_training_step(shape, dtype, fmt, use_residual, relu)
 
 
 # Shapes that cut the CPU reductions (csrc/cpu/kernels_impl.h, RunTiles and FusedBlocks) into each kind of tile:
@@ -313,20 +318,8 @@ TILINGS = [((3, 2, 70, 70), "contiguous"), ((2, 16, 70, 70), "contiguous"), ((70
 @pytest.mark.parametrize("shape,fmt", TILINGS, ids=[f"{'x'.join(map(str, s))}-{f}" for s, f in TILINGS])
 def test_reduction_tilings(shape, fmt, dtype, use_residual, relu):
     """Statistics and backward sums over many tiles, merged in a fixed order, match torch."""
-    x0 = make_input(shape, dtype, fmt)
-    w0, b0, running_mean, running_var = make_params(shape[1], torch.float64 if dtype == torch.float64 else torch.float32)
-    r0 = make_like(x0) if use_residual else None
-    dy = make_like(x0)
-    x, weight, bias, residual = leaf(x0), leaf(w0), leaf(b0), leaf(r0)
-    rm, rv = running_mean.clone(), running_var.clone()
-    y = bn(x, rm, rv, weight, bias, True, residual=residual, activation=_activation(relu))
-    y.backward(dy)
-    ref = reference_with_grads(x0, running_mean, running_var, w0, b0, True, MOMENTUM, EPS, dy, r0, relu)
-    assert_close(y, ref.y, msg="output")
-    assert_close(rm, ref.running_mean, msg="running_mean")
-    assert_close(rv, ref.running_var, msg="running_var")
-    assert_grads_close({"input": x.grad, "weight": weight.grad, "bias": bias.grad,
-                        "residual": None if residual is None else residual.grad}, ref)
+    check_training_step(shape, dtype, fmt, use_residual, relu,
+                        param_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
 
 
 def test_no_grad_and_inference_mode():

@@ -1,6 +1,6 @@
 // The vectorised kernels for the kPlanes (NCHW) and kRows (channels-last, (N, C)) layouts. No include guard:
-// each cpu_kernels_<capability>.cpp includes this once, after <ATen/cpu/vec/vec.h> for its capability, with
-// FASTBN_CPU_CAP naming the namespace the copy lives in (so copies never collide at link time).
+// each cpu_kernels_<capability>.cpp includes it once through kernels_build.h, after <ATen/cpu/vec/vec.h> for its
+// capability, with FASTBN_CPU_CAP naming the namespace the copy lives in (so copies never collide at link time).
 //
 // Passes over memory (E = numel × element size):
 //   stats                 1E read, one pass of shifted sums per tile (RunTiles: runs of contiguous positions,
@@ -482,13 +482,8 @@ void stats(const StatsArgs<scalar_t>& a) {
           }
         });
       }
-      if (t.len == 1) {
-        for (int64_t j = 0; j < L; ++j) fold(j, double(shift[j]), sum[j], sq[j]);
-      } else {
-        for (int64_t j = 0; j < t.c1 - t.c0; ++j) {
-          fold(j, double(shift[j * t.len]), position_sum(&sum[j * t.len], t.len),
-               position_sum(&sq[j * t.len], t.len));
-        }
+      for (int64_t j = 0; j < t.c1 - t.c0; ++j) {
+        fold(j, double(shift[j * t.len]), position_sum(&sum[j * t.len], t.len), position_sum(&sq[j * t.len], t.len));
       }
     }
   });
@@ -864,7 +859,7 @@ void backward_fused_impl(const FusedBackwardArgs<scalar_t>& a) {
   const int64_t grain = N * C * S < kParallelMin ? a.blocks.blocks : 1;
   const int64_t chunk = a.blocks.chunk;
   at::parallel_for(0, a.blocks.blocks, grain, [&](int64_t begin, int64_t end) {
-    ReduceBuffers<acc_t, kRelu> buf(cb * chunk);
+    ReduceBuffers<acc_t, kRelu> buf(cb == 1 ? 1 : cb * chunk);  // one-channel tiles sum in registers
     std::vector<acc_t> p(cb), q(cb);
     std::vector<double> sum_g(cb), sum_gx(cb), tile_g(cb), tile_gx(cb);
     for (int64_t b = begin; b < end; ++b) {
