@@ -85,6 +85,9 @@ inline int64_t plane_chunk(int64_t S, int64_t max_len) {
   return std::min(max_len, ((S + chunks - 1) / chunks + 63) / 64 * 64);
 }
 
+// Runs a reduction tile sums per position in acc_t before its partial goes to double.
+constexpr int64_t kMaxRuns = 1024;
+
 // Positions of a one-channel reduction tile (a long plane): its runs are summed in registers, one run at a time,
 // and folded into double after each run, so a float lane never sums more than kMaxChannelRun / 32 values.
 constexpr int64_t kMaxChannelRun = 16384;
@@ -97,12 +100,11 @@ struct FusedBlocks {
   static constexpr int64_t kMaxPositions = 4096;  // per-position sums of one tile: ≤ 16 KiB per array
   static constexpr int64_t kMaxBytes = 1 << 18;   // a block's inputs, read twice: a quarter of an L2
   static constexpr int64_t kMinBlocks = 16;       // work items for the threads
-  static constexpr int64_t kMaxSamples = 1024;    // runs summed per position in acc_t (kMaxRuns)
   int64_t cb = 0;      // channels per block
   int64_t blocks = 0;  // 0: the shape does not fit; use the unfused passes
   int64_t chunk = 0;   // positions per tile: S, or chunks of a long plane (plane_chunk)
   FusedBlocks(const Geometry& g, int64_t input_bytes_per_value) {
-    if (g.layout != Layout::kPlanes || g.N > kMaxSamples || g.C < kMinBlocks) return;
+    if (g.layout != Layout::kPlanes || g.N > kMaxRuns || g.C < kMinBlocks) return;
     const int64_t channel_bytes = g.N * g.S * input_bytes_per_value;
     cb = std::min({kMaxPositions / g.S, kMaxBytes / channel_bytes, g.C / kMinBlocks});
     cb = std::max<int64_t>(cb, 1);

@@ -145,14 +145,13 @@ constexpr int kRunGroup = 4;
 // Positions per run: three L-value acc_t arrays (shift or mean, and two sums) stay within a 32 KiB L1.
 constexpr int64_t kMaxRun = 2048;
 // Tile shape: at least kMinItems work items when the tensor allows (a constant, so results do not depend on the
-// thread count) and tiles of kMinTile values or more; at least kMinRuns runs per tile (a tile's fixed costs are per position, its work per position
-// and run), narrowing the tile to no fewer than kMinRun positions to get there; at most kMaxRuns runs summed in
-// acc_t before a partial goes to double.
+// thread count) and tiles of kMinTile values or more; at least kMinRuns runs per tile (a tile's fixed costs are
+// per position, its work per position and run), narrowing the tile to no fewer than kMinRun positions to get
+// there; at most kMaxRuns (kernels.h) runs summed in acc_t before a partial goes to double.
 constexpr int64_t kMinItems = 64;
 constexpr int64_t kMinTile = 16384;  // values: smaller tensors are not cut along the runs
 constexpr int64_t kMinRuns = 64;
 constexpr int64_t kMinRun = 256;
-constexpr int64_t kMaxRuns = 1024;
 
 struct RunTile {
   int64_t c0, c1;     // channels
