@@ -166,7 +166,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
       const Geometry ge = classify(input, {&grad_output, res, dx_p, dr_p});
       const FusedBlocks blocks(ge, static_cast<int64_t>(input.element_size()) * (res != nullptr ? 3 : 2));
       const auto& kernels = kernels_for<scalar_t>(ge);
-      const bool fused = training && need_dx && blocks.blocks > 0 && kernels.backward_fused != nullptr;
+      const bool fused = training && need_dx && blocks.fits() && kernels.backward_fused != nullptr;
       if (fused) {
         kernels.backward_fused({blocks,
                                 {ge, &grad_output, &input, res, mu.data(), k.scale.data(), k.shift.data(), relu,

@@ -96,21 +96,33 @@ constexpr int64_t kMaxChannelRun = 16384;
 // between its reduction and its elementwise pass, so dy and x are read from memory once (3E instead of 5E).
 // Cut from the shape alone (results do not depend on the thread count). On the 2-core EPYC, 256 KiB blocks beat
 // 4 MiB ones at 7x7 and 14x14 (backward 32x512x14x14 0.89 vs 1.27 ms) and matched 1 MiB ones elsewhere.
+// Two schedules:
+//   per-thread     one thread reduces a block and writes its dx (from L2): C >= kMinBlocks, N <= kMaxRuns.
+//   channel-major  fewer channels than kMinBlocks (a (20, 6, 65536) input): the blocks are the reduction's own
+//                  channel blocks (RunTiles), taken one after the other, every thread reducing a share of the block
+//                  and then writing a share of its dx, from the last-level cache when the block fits there.
 struct FusedBlocks {
   static constexpr int64_t kMaxPositions = 4096;  // per-position sums of one tile: ≤ 16 KiB per array
-  static constexpr int64_t kMaxBytes = 1 << 18;   // a block's inputs, read twice: a quarter of an L2
+  static constexpr int64_t kMaxBytes = 1 << 18;   // a block's inputs; the next block is prefetched meanwhile
   static constexpr int64_t kMinBlocks = 16;       // work items for the threads
-  int64_t cb = 0;      // channels per block
-  int64_t blocks = 0;  // 0: the shape does not fit; use the unfused passes
-  int64_t chunk = 0;   // positions per tile: S, or chunks of a long plane (plane_chunk)
+  bool channel_major = false;
+  int64_t cb = 0;      // per-thread: channels per block
+  int64_t blocks = 0;  // per-thread: blocks; 0 (and !channel_major): the shape does not fit, use the unfused passes
+  int64_t chunk = 0;   // per-thread: positions per tile: S, or chunks of a long plane (plane_chunk)
   FusedBlocks(const Geometry& g, int64_t input_bytes_per_value) {
-    if (g.layout != Layout::kPlanes || g.N > kMaxRuns || g.C < kMinBlocks) return;
+    if (g.layout != Layout::kPlanes) return;
+    if (g.C < kMinBlocks) {
+      channel_major = true;
+      return;
+    }
+    if (g.N > kMaxRuns) return;
     const int64_t channel_bytes = g.N * g.S * input_bytes_per_value;
     cb = std::min({kMaxPositions / g.S, kMaxBytes / channel_bytes, g.C / kMinBlocks});
     cb = std::max<int64_t>(cb, 1);
     blocks = (g.C + cb - 1) / cb;
     chunk = plane_chunk(g.S, cb == 1 ? kMaxChannelRun : kMaxPositions);
   }
+  bool fits() const { return channel_major || blocks > 0; }
 };
 
 // Training-mode backward with dx over kPlanes in fused blocks: writes reduce.sum_g / sum_gxmu (for dw and db)

@@ -10,8 +10,10 @@
 //   backward_reduce       2E read (x, dy) (+1E residual when the ReLU mask needs it), on the same tiles.
 //   backward_elementwise  2E read + 1E write (dy only when eval without ReLU: 1E + 1E; +1E for g_out).
 //   backward_fused        training backward on kPlanes: 2E read + 1E write, per block of whole channels
-//                         (FusedBlocks, kernels.h) reduced and then differentiated from cache by one thread.
-// Outputs larger than the last-level cache are written with non-temporal stores (store_vector).
+//                         (FusedBlocks, kernels.h) reduced and then differentiated from cache, by one thread
+//                         (many channels; it prefetches its next block meanwhile) or by all (channel-major).
+// Outputs larger than the last-level cache are written with non-temporal stores (store_vector). Run tails take
+// the vector path with masked loads and stores (VecIO), so a 14x14 plane is no slower per value than a 16x16 one.
 // Parallelisation (at::parallel_for over work items, both layouts): reductions use tiles of (run group ×
 // channel block × position chunk) cut from the shape alone, elementwise ops (plane, chunk) items or row
 // ranges, so a (20, 6, 65536) and a (32, 2048, 7, 7) input both feed every thread. Reductions write per-tile
@@ -67,7 +69,9 @@ inline void stream_fence(bool stream) {
 #endif
 }
 
-// Loads kWidth elements of scalar_t as kParts vectors of acc_t (16-bit types widen to two float vectors).
+// Loads kWidth elements of scalar_t as kParts vectors of acc_t (16-bit types widen to two float vectors). A
+// count below kWidth reads only the first count elements (masked loads on AVX2/AVX-512) and zeroes the other lanes;
+// stores write only the first count: a run's tail takes the vector path too.
 template <typename scalar_t>
 struct VecIO {
   using acc_t = at::opmath_type<scalar_t>;
@@ -77,29 +81,46 @@ struct VecIO {
   static constexpr int64_t kWidth = kVec * kParts;
   static_assert(kParts == 1 || Vectorized<scalar_t>::size() == kWidth, "16-bit vector must hold two float vectors");
 
-  static inline void load(const scalar_t* p, Vec (&v)[kParts]) {
+  static inline void load(const scalar_t* p, Vec (&v)[kParts], int64_t count = kWidth) {
     if constexpr (kParts == 1) {
-      v[0] = Vec::loadu(p);
+      v[0] = Vec::loadu(p, count);
     } else {
-      std::tie(v[0], v[1]) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
+      std::tie(v[0], v[1]) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, count));
     }
   }
-  static inline void store(scalar_t* p, const Vec (&v)[kParts]) {
+  // A non-temporal store of a whole vector where p is aligned to the vector size, a plain store elsewhere.
+  static inline void store(scalar_t* p, const Vec (&v)[kParts], bool stream, int64_t count = kWidth) {
     if constexpr (kParts == 1) {
-      v[0].store(p);
+      store_part(p, v[0], stream, count);
     } else {
-      at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p);
+      store_part(p, at::vec::convert_from_float<scalar_t>(v[0], v[1]), stream, count);
     }
   }
-  // A non-temporal store where p is aligned to the vector size, a plain store elsewhere.
-  static inline void store(scalar_t* p, const Vec (&v)[kParts], bool stream) {
-    if constexpr (kParts == 1) {
-      store_vector(p, v[0], stream);
+
+ private:
+  template <typename VecT>
+  static inline void store_part(scalar_t* p, const VecT& v, bool stream, int64_t count) {
+    if (count == kWidth) {
+      store_vector(p, v, stream);
     } else {
-      store_vector(p, at::vec::convert_from_float<scalar_t>(v[0], v[1]), stream);
+      v.store(p, count);
     }
   }
 };
+
+// Lanes of part `part` (of kParts vectors of V lanes) among the first count elements.
+template <int64_t V>
+constexpr int64_t part_count(int64_t count, int part) {
+  return std::clamp<int64_t>(count - part * V, 0, V);
+}
+
+// Calls step(i, kWidth) over a run of n elements, then step(i, n - i) once for the tail.
+template <int64_t kWidth, typename Step>
+inline void vector_steps(int64_t n, Step&& step) {
+  int64_t i = 0;
+  for (; i + kWidth <= n; i += kWidth) step(i, kWidth);
+  if (i < n) step(i, n - i);
+}
 
 // A per-channel coefficient seen by an elementwise loop: one value for a whole plane (kPlanes), or an array
 // indexed like the row itself (kRows, the element index is the channel).
@@ -109,8 +130,7 @@ struct PlaneCoef {
   Vec v;
   acc_t s;
   explicit PlaneCoef(acc_t value) : v(value), s(value) {}
-  Vec vec(int64_t, int) const { return v; }
-  acc_t at(int64_t) const { return s; }
+  Vec vec(int64_t, int, int64_t) const { return v; }
 };
 
 template <typename acc_t>
@@ -118,8 +138,11 @@ struct RowCoef {
   using Vec = Vectorized<acc_t>;
   const acc_t* p;
   explicit RowCoef(const acc_t* ptr) : p(ptr) {}
-  Vec vec(int64_t i, int part) const { return Vec::loadu(p + i + part * Vec::size()); }
-  acc_t at(int64_t i) const { return p[i]; }
+  // The coefficients of elements [i, i + count), part `part` of them (see VecIO).
+  Vec vec(int64_t i, int part, int64_t count) const {
+    constexpr int64_t V = Vec::size();
+    return Vec::loadu(p + i + part * V, part_count<V>(count, part));
+  }
 };
 
 template <typename acc_t>
@@ -490,15 +513,27 @@ void stats(const StatsArgs<scalar_t>& a) {
                  a.mean, a.m2);
 }
 
-// kPlanes elementwise work items: (plane, chunk of ≤ kSegment positions) in memory order.
+// kPlanes elementwise work items: (plane, chunk of ≤ kSegment positions) in memory order, over the planes of
+// channels [c0, c1) (all channels by default).
 struct PlaneChunks {
-  int64_t C, S, chunk, chunks, items;
-  explicit PlaneChunks(const Geometry& g) : C(g.C), S(g.S) {
+  int64_t C, S, c0, cn, chunk, chunks, items;
+  PlaneChunks(const Geometry& g, int64_t first = 0, int64_t last = -1)
+      : C(g.C), S(g.S), c0(first), cn((last < 0 ? g.C : last) - first) {
     chunk = S > kSegment ? kSegment : S;
     chunks = div_up(S, chunk);
-    items = g.N * g.C * chunks;
+    items = g.N * cn * chunks;
   }
   int64_t grain() const { return std::max<int64_t>(1, kParallelMin / chunk); }
+  // Calls f(offset, length, c) for the items [begin, end).
+  template <typename F>
+  void visit(int64_t begin, int64_t end, F&& f) const {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t k = item % chunks, rest = item / chunks;
+      const int64_t c = c0 + rest % cn, plane = (rest / cn) * C + c;
+      const int64_t off = plane * S + k * chunk;
+      f(off, std::min(chunk, (plane + 1) * S - off), c);
+    }
+  }
 };
 
 // Runs an elementwise pass in parallel: f(offset, length, coef) for every contiguous run (a chunk of a plane on
@@ -509,11 +544,9 @@ void elementwise_runs(const Geometry& g, bool stream, F&& f) {
   if (g.layout == Layout::kPlanes) {
     const PlaneChunks pc(g);
     at::parallel_for(0, pc.items, pc.grain(), [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t plane = item / pc.chunks, c = plane % pc.C;
-        const int64_t off = plane * pc.S + (item % pc.chunks) * pc.chunk;
-        f(off, std::min(pc.chunk, (plane + 1) * pc.S - off), [c](const acc_t* v) { return PlaneCoef<acc_t>(v[c]); });
-      }
+      pc.visit(begin, end, [&](int64_t off, int64_t n, int64_t c) {
+        f(off, n, [c](const acc_t* v) { return PlaneCoef<acc_t>(v[c]); });
+      });
       stream_fence(stream);
     });
   } else {
@@ -535,25 +568,18 @@ inline void normalize_run(const scalar_t* x, const scalar_t* res, scalar_t* y, i
   using Vec = typename IO::Vec;
   constexpr int P = IO::kParts;
   const Vec zero(acc_t(0));
-  int64_t i = 0;
-  for (; i + IO::kWidth <= n; i += IO::kWidth) {
+  vector_steps<IO::kWidth>(n, [&](int64_t i, int64_t count) {
     Vec v[P], r[P];
-    IO::load(x + i, v);
-    if constexpr (kResidual) IO::load(res + i, r);
+    IO::load(x + i, v, count);
+    if constexpr (kResidual) IO::load(res + i, r, count);
     for (int q = 0; q < P; ++q) {
-      Vec o = pre_activation(v[q] - mean.vec(i, q), scale.vec(i, q), shift.vec(i, q));
+      Vec o = pre_activation(v[q] - mean.vec(i, q, count), scale.vec(i, q, count), shift.vec(i, q, count));
       if constexpr (kResidual) o = o + r[q];
       if constexpr (kRelu) o = Vec::blendv(o, zero, o < zero);
       v[q] = o;
     }
-    IO::store(y + i, v, stream);
-  }
-  for (; i < n; ++i) {
-    acc_t o = pre_activation(acc_t(x[i]) - mean.at(i), scale.at(i), shift.at(i));
-    if constexpr (kResidual) o = o + acc_t(res[i]);
-    if constexpr (kRelu) o = relu_scalar(o);
-    y[i] = scalar_t(o);
-  }
+    IO::store(y + i, v, stream, count);
+  });
 }
 
 template <typename scalar_t, bool kResidual, bool kRelu>
@@ -719,6 +745,20 @@ void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
   }
 }
 
+// Channel c's sums over the per-slot partials ([slot][C] arrays), slot by slot in a fixed order.
+template <typename scalar_t>
+void sum_slots(const ReduceArgs<scalar_t>& a, int64_t slots, const double* part_g, const double* part_gx, int64_t c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = a.geom.C;
+  double tg = 0, tgx = 0;
+  for (int64_t slot = 0; slot < slots; ++slot) {
+    tg += part_g[slot * C + c];
+    tgx += part_gx[slot * C + c];
+  }
+  a.sum_g[c] = static_cast<acc_t>(tg);
+  a.sum_gxmu[c] = static_cast<acc_t>(tgx);
+}
+
 template <typename scalar_t, bool kResidual, bool kRelu>
 void backward_reduce_impl(const ReduceArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -736,15 +776,7 @@ void backward_reduce_impl(const ReduceArgs<scalar_t>& a) {
   });
 
   at::parallel_for(0, C, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      double tg = 0, tgx = 0;
-      for (int64_t slot = 0; slot < rt.slots(); ++slot) {
-        tg += part_g[slot * C + c];
-        tgx += part_gx[slot * C + c];
-      }
-      a.sum_g[c] = static_cast<acc_t>(tg);
-      a.sum_gxmu[c] = static_cast<acc_t>(tgx);
-    }
+    for (int64_t c = begin; c < end; ++c) sum_slots(a, rt.slots(), part_g.data(), part_gx.data(), c);
   });
 }
 
@@ -763,50 +795,42 @@ void backward_reduce(const ReduceArgs<scalar_t>& a) {
 template <typename scalar_t, bool kResidual, bool kRelu, bool kTrain, typename Coef>
 inline void backward_run(const scalar_t* dy, const scalar_t* x, const scalar_t* res, scalar_t* dx, scalar_t* gout,
                          int64_t n, const Coef& mean, const Coef& scale, const Coef& shift, const Coef& k,
-                         const Coef& p, const Coef& q, bool stream) {
+                         const Coef& p, const Coef& q, bool stream, int64_t prefetch_ahead = 0) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   constexpr int P = IO::kParts;
   constexpr bool kNeedX = kTrain || kRelu;
   const Vec zero(acc_t(0));
-  int64_t i = 0;
-  for (; i + IO::kWidth <= n; i += IO::kWidth) {
+  vector_steps<IO::kWidth>(n, [&](int64_t i, int64_t count) {
     Vec d[P], v[P], r[P], out[P];
-    IO::load(dy + i, d);
-    if constexpr (kNeedX) IO::load(x + i, v);
-    if constexpr (kResidual) IO::load(res + i, r);
+    if (prefetch_ahead != 0) {  // the next fused block's inputs, into L2 (backward_fused_impl)
+      __builtin_prefetch(dy + i + prefetch_ahead, 0, 2);
+      __builtin_prefetch(x + i + prefetch_ahead, 0, 2);
+      if constexpr (kResidual) __builtin_prefetch(res + i + prefetch_ahead, 0, 2);
+    }
+    IO::load(dy + i, d, count);
+    if constexpr (kNeedX) IO::load(x + i, v, count);
+    if constexpr (kResidual) IO::load(res + i, r, count);
     for (int j = 0; j < P; ++j) {
       Vec g = d[j];
       Vec xmu;
-      if constexpr (kNeedX) xmu = v[j] - mean.vec(i, j);
+      if constexpr (kNeedX) xmu = v[j] - mean.vec(i, j, count);
       if constexpr (kRelu) {
-        Vec pre = pre_activation(xmu, scale.vec(i, j), shift.vec(i, j));
+        Vec pre = pre_activation(xmu, scale.vec(i, j, count), shift.vec(i, j, count));
         if constexpr (kResidual) pre = pre + r[j];
         g = Vec::blendv(zero, g, pre > zero);
         d[j] = g;
       }
       if constexpr (kTrain) {
-        out[j] = at::vec::fmadd(xmu, p.vec(i, j), g * k.vec(i, j)) + q.vec(i, j);
+        out[j] = at::vec::fmadd(xmu, p.vec(i, j, count), g * k.vec(i, j, count)) + q.vec(i, j, count);
       } else {
-        out[j] = g * k.vec(i, j);
+        out[j] = g * k.vec(i, j, count);
       }
     }
-    if (dx != nullptr) IO::store(dx + i, out, stream);
-    if (gout != nullptr) IO::store(gout + i, d, stream);
-  }
-  for (; i < n; ++i) {
-    acc_t g = acc_t(dy[i]);
-    acc_t xmu = 0;
-    if constexpr (kNeedX) xmu = acc_t(x[i]) - mean.at(i);
-    if constexpr (kRelu) {
-      acc_t pre = pre_activation(xmu, scale.at(i), shift.at(i));
-      if constexpr (kResidual) pre = pre + acc_t(res[i]);
-      if (!(pre > acc_t(0))) g = acc_t(0);
-    }
-    if (dx != nullptr) dx[i] = scalar_t(kTrain ? (xmu * p.at(i) + g * k.at(i)) + q.at(i) : g * k.at(i));
-    if (gout != nullptr) gout[i] = scalar_t(g);
-  }
+    if (dx != nullptr) IO::store(dx + i, out, stream, count);
+    if (gout != nullptr) IO::store(gout + i, d, stream, count);
+  });
 }
 
 template <typename scalar_t, bool kResidual, bool kRelu, bool kTrain>
@@ -879,14 +903,16 @@ void backward_fused_impl(const FusedBackwardArgs<scalar_t>& a) {
         r.sum_gxmu[c] = static_cast<acc_t>(sum_gx[j]);
         train_dx_coefficients(e.k[c], a.invstd[c], r.sum_g[c], r.sum_gxmu[c], N * S, p[j], q[j]);
       }
+      const bool prefetch_next = b + 1 < end;
       for (int64_t n = 0; n < N; ++n) {
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t off = (n * C + c) * S;
+          const int64_t ahead = prefetch_next && c + cb < C ? cb * S : 0;
           backward_run<scalar_t, kResidual, kRelu, true>(
               dy + off, x + off, kResidual ? res + off : nullptr, dx ? dx + off : nullptr,
               gout ? gout + off : nullptr, S, PlaneCoef<acc_t>(e.mean[c]), PlaneCoef<acc_t>(e.scale[c]),
               PlaneCoef<acc_t>(e.shift[c]), PlaneCoef<acc_t>(e.k[c]), PlaneCoef<acc_t>(p[c - c0]),
-              PlaneCoef<acc_t>(q[c - c0]), stream);
+              PlaneCoef<acc_t>(q[c - c0]), stream, ahead);
         }
       }
     }
@@ -894,11 +920,65 @@ void backward_fused_impl(const FusedBackwardArgs<scalar_t>& a) {
   });
 }
 
+// The channel-major schedule (FusedBlocks, kernels.h): for each channel block of the reduction's tiling, all threads
+// sum its tiles, the block's sums become dx coefficients, and all threads write its dx while the block's dy and x
+// are in the last-level cache. Traffic: 2E read + 1E write when a block fits in that cache (a (20, 6, 65536)
+// float block is 10.5 MB of inputs), the unfused 4E read + 1E write when it does not.
+template <typename scalar_t, bool kResidual, bool kRelu>
+void backward_channel_major_impl(const FusedBackwardArgs<scalar_t>& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const ReduceArgs<scalar_t>& r = a.reduce;
+  const ElementwiseArgs<scalar_t>& e = a.elementwise;
+  const Geometry& geom = r.geom;
+  const int64_t C = geom.C, m = geom.per_channel();
+  const scalar_t* dy = r.dy->template data_ptr<scalar_t>();
+  const scalar_t* x = r.x->template data_ptr<scalar_t>();
+  const scalar_t* res = kResidual ? r.residual->template data_ptr<scalar_t>() : nullptr;
+  scalar_t* dx = e.dx != nullptr ? e.dx->template data_ptr<scalar_t>() : nullptr;
+  scalar_t* gout = e.g_out != nullptr ? e.g_out->template data_ptr<scalar_t>() : nullptr;
+  const bool stream = (e.dx != nullptr ? e.dx : e.g_out)->nbytes() > streaming_store_bytes();
+  const RunTiles rt(geom);
+  const int64_t block_items = rt.groups * rt.chunks;  // items of one channel block, (group, chunk) pairs
+  std::vector<double> part_g(rt.slots() * C), part_gx(rt.slots() * C);
+  std::vector<acc_t> p(C), q(C);
+  for (int64_t cbi = 0; cbi < rt.cblocks; ++cbi) {
+    at::parallel_for(0, block_items, rt.grain(), [&](int64_t begin, int64_t end) {
+      ReduceBuffers<acc_t, kRelu> buf(rt.max_L());
+      for (int64_t i = begin; i < end; ++i) {
+        const RunTile t = rt.at(((i / rt.chunks) * rt.cblocks + cbi) * rt.chunks + i % rt.chunks);
+        backward_reduce_tile<scalar_t, kResidual, kRelu>(r, t, buf, &part_g[t.slot * C + t.c0],
+                                                         &part_gx[t.slot * C + t.c0]);
+      }
+    });
+    const int64_t c0 = cbi * rt.cb, c1 = std::min(C, c0 + rt.cb);
+    for (int64_t c = c0; c < c1; ++c) {
+      sum_slots(r, rt.slots(), part_g.data(), part_gx.data(), c);
+      train_dx_coefficients(e.k[c], a.invstd[c], r.sum_g[c], r.sum_gxmu[c], m, p[c], q[c]);
+    }
+    const PlaneChunks pc(geom, c0, c1);
+    at::parallel_for(0, pc.items, pc.grain(), [&](int64_t begin, int64_t end) {
+      pc.visit(begin, end, [&](int64_t off, int64_t n, int64_t c) {
+        backward_run<scalar_t, kResidual, kRelu, true>(
+            dy + off, x + off, kResidual ? res + off : nullptr, dx ? dx + off : nullptr, gout ? gout + off : nullptr,
+            n, PlaneCoef<acc_t>(e.mean[c]), PlaneCoef<acc_t>(e.scale[c]), PlaneCoef<acc_t>(e.shift[c]),
+            PlaneCoef<acc_t>(e.k[c]), PlaneCoef<acc_t>(p[c]), PlaneCoef<acc_t>(q[c]), stream);
+      });
+      stream_fence(stream);
+    });
+  }
+}
+
 template <typename scalar_t>
 void backward_fused(const FusedBackwardArgs<scalar_t>& a) {
   BOOL_SWITCH(a.reduce.relu && a.reduce.residual != nullptr, kResidual, [&] {
     BOOL_SWITCH(a.reduce.relu, kRelu, [&] {
-      if constexpr (!kResidual || kRelu) backward_fused_impl<scalar_t, kResidual, kRelu>(a);
+      if constexpr (!kResidual || kRelu) {
+        if (a.blocks.channel_major) {
+          backward_channel_major_impl<scalar_t, kResidual, kRelu>(a);
+        } else {
+          backward_fused_impl<scalar_t, kResidual, kRelu>(a);
+        }
+      }
     });
   });
 }
