@@ -304,6 +304,16 @@ def test_larger_shapes(shape, dtype, fmt, use_residual, relu):
     check_training_step(shape, dtype, fmt, use_residual, relu)
 
 
+@pytest.mark.parametrize("use_residual", [False, True], ids=["bn", "add"])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_streamed_outputs(fmt, use_residual):
+    """Outputs past half the last-level cache (34 MB here: any cache up to 68 MB) take non-temporal stores.
+
+    No ReLU: among 8.5M values some pre-activation lies within rounding of 0, where torch's mask and ours may differ.
+    """
+    check_training_step((4, 32, 256, 260), torch.float32, fmt, use_residual, False)
+
+
 # Shapes that cut the CPU reductions (csrc/cpu/kernels_impl.h, RunTiles and FusedBlocks) into each kind of tile:
 # planes longer than a run (chunked; with 16+ channels also in the per-thread fused backward, with fewer in the
 # channel-major one), short planes packed many to a run with several channel blocks and sample groups (more samples

@@ -58,7 +58,7 @@ const Kernels<scalar_t>& vector_kernels() {
 }
 
 // The largest cache level's size from Linux's sysfs (what lscpu reports: per cache instance; sysconf's
-// _SC_LEVEL3_CACHE_SIZE can report a whole host's L3 inside a VM); 32 MiB where it cannot be read.
+// _SC_LEVEL3_CACHE_SIZE can report a whole host's L3 inside a VM), 32 MiB where it cannot be read; halved.
 int64_t streaming_store_bytes() {
   static const int64_t bytes = [] {
     int best_level = 0;
@@ -77,7 +77,7 @@ int64_t streaming_store_bytes() {
         best_size = size * scale;
       }
     }
-    return best_size > 0 ? best_size : int64_t(32) << 20;
+    return (best_size > 0 ? best_size : int64_t(32) << 20) / 2;
   }();
   return bytes;
 }

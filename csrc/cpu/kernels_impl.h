@@ -12,7 +12,7 @@
 //   backward_fused        training backward on kPlanes: 2E read + 1E write, per block of whole channels
 //                         (FusedBlocks, kernels.h) reduced and then differentiated from cache, by one thread
 //                         (many channels; it prefetches its next block meanwhile) or by all (channel-major).
-// Outputs larger than the last-level cache are written with non-temporal stores (store_vector). Run tails take
+// Outputs larger than half the last-level cache are written with non-temporal stores (stream_output). Run tails take
 // the vector path with masked loads and stores (VecIO), so a 14x14 plane is no slower per value than a 16x16 one.
 // Parallelisation (at::parallel_for over work items, both layouts): reductions use tiles of (run group ×
 // channel block × position chunk) cut from the shape alone, elementwise ops (plane, chunk) items or row
@@ -34,11 +34,19 @@ constexpr int64_t kSegment = 8192;
 // Fewer elements than this run on one thread: waking the pool costs more than it saves.
 constexpr int64_t kParallelMin = 32768;
 
-// Elementwise passes whose output is larger than the last-level cache write it with non-temporal stores
-// (streaming_store_bytes(), kernels.h): a plain store first reads each line it writes (read-for-ownership), a
-// third stream of traffic, for data that is evicted before anyone reads it again. Measured on the 2-core EPYC:
-// normalize of a 102 MB channels-last tensor 4.4 ms with plain stores, 3.4 ms streaming; below the cache size
-// streaming loses (0.65 vs 0.85 ms at 25 MB), since the output would have stayed in L3 for its reader.
+// Elementwise passes whose output is larger than streaming_store_bytes() (kernels.h) write it with non-temporal
+// stores: a plain store first reads each line it writes (read-for-ownership), a third stream of traffic, for data
+// that is evicted before anyone reads it again. Only outputs whose runs (planes or rows) all start on a cache line
+// stream: where runs end mid-line, the lines they share take plain stores beside streamed ones, and a 7x7 NCHW
+// normalize ran 10x slower so. Measured on the 2-core EPYC, alternating runs: backward NCHW 32x64x56x56 (25.7 MB
+// of dx) 1.73 -> 1.41 ms streaming, 32x128x28x28 (12.8 MB) 0.75 -> 0.68 ms; eval channels_last 32x256x14x14
+// (6.4 MB) 0.17 -> 0.11 ms.
+inline bool stream_output(const Geometry& g, const at::Tensor& out) {
+  const int64_t run_bytes = (g.layout == Layout::kPlanes ? g.S : g.C) * int64_t(out.element_size());
+  return out.nbytes() > streaming_store_bytes() && run_bytes % 64 == 0 &&
+         reinterpret_cast<uintptr_t>(out.data_ptr()) % 64 == 0;
+}
+
 template <typename VecT>
 inline void store_vector(void* p, const VecT& v, bool stream) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
@@ -588,7 +596,7 @@ void normalize_impl(const NormalizeArgs<scalar_t>& a) {
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
   const scalar_t* res = kResidual ? a.residual->template data_ptr<scalar_t>() : nullptr;
   scalar_t* y = a.y->template data_ptr<scalar_t>();
-  const bool stream = a.y->nbytes() > streaming_store_bytes();
+  const bool stream = stream_output(a.geom, *a.y);
   elementwise_runs<acc_t>(a.geom, stream, [&](int64_t off, int64_t n, auto coef) {
     normalize_run<scalar_t, kResidual, kRelu>(x + off, kResidual ? res + off : nullptr, y + off, n, coef(a.mean),
                                               coef(a.scale), coef(a.shift), stream);
@@ -843,7 +851,7 @@ void backward_elementwise_impl(const ElementwiseArgs<scalar_t>& a) {
   scalar_t* gout = a.g_out != nullptr ? a.g_out->template data_ptr<scalar_t>() : nullptr;
   const acc_t* p_arr = kTrain ? a.p : a.k;  // p, q unused when !kTrain
   const acc_t* q_arr = kTrain ? a.q : a.k;
-  const bool stream = (a.dx != nullptr ? a.dx : a.g_out)->nbytes() > streaming_store_bytes();
+  const bool stream = stream_output(a.geom, a.dx != nullptr ? *a.dx : *a.g_out);
   elementwise_runs<acc_t>(a.geom, stream, [&](int64_t off, int64_t n, auto coef) {
     backward_run<scalar_t, kResidual, kRelu, kTrain>(dy + off, x + off, kResidual ? res + off : nullptr,
                                                      dx ? dx + off : nullptr, gout ? gout + off : nullptr, n,
@@ -878,7 +886,7 @@ void backward_fused_impl(const FusedBackwardArgs<scalar_t>& a) {
   const scalar_t* res = kResidual ? r.residual->template data_ptr<scalar_t>() : nullptr;
   scalar_t* dx = e.dx != nullptr ? e.dx->template data_ptr<scalar_t>() : nullptr;
   scalar_t* gout = e.g_out != nullptr ? e.g_out->template data_ptr<scalar_t>() : nullptr;
-  const bool stream = (e.dx != nullptr ? e.dx : e.g_out)->nbytes() > streaming_store_bytes();
+  const bool stream = stream_output(r.geom, e.dx != nullptr ? *e.dx : *e.g_out);
   const int64_t grain = N * C * S < kParallelMin ? a.blocks.blocks : 1;
   const int64_t chunk = a.blocks.chunk;
   at::parallel_for(0, a.blocks.blocks, grain, [&](int64_t begin, int64_t end) {
@@ -936,7 +944,7 @@ void backward_channel_major_impl(const FusedBackwardArgs<scalar_t>& a) {
   const scalar_t* res = kResidual ? r.residual->template data_ptr<scalar_t>() : nullptr;
   scalar_t* dx = e.dx != nullptr ? e.dx->template data_ptr<scalar_t>() : nullptr;
   scalar_t* gout = e.g_out != nullptr ? e.g_out->template data_ptr<scalar_t>() : nullptr;
-  const bool stream = (e.dx != nullptr ? e.dx : e.g_out)->nbytes() > streaming_store_bytes();
+  const bool stream = stream_output(r.geom, e.dx != nullptr ? *e.dx : *e.g_out);
   const RunTiles rt(geom);
   const int64_t block_items = rt.groups * rt.chunks;  // items of one channel block, (group, chunk) pairs
   std::vector<double> part_g(rt.slots() * C), part_gx(rt.slots() * C);
