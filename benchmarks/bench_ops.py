@@ -32,7 +32,10 @@ Columns:
            case takes minutes, so by default only COMPILE_SUBSET is compiled (--compile all / none).
 Timing: torch.utils.benchmark.Timer, in blocks of ~10 ms of back-to-back calls with a device synchronisation
 (torch.cuda.synchronize on GPU) around each block (common.measure): after a warm-up call, blocks for
---min-time seconds and until 5+ blocks agree within 10% (IQR/median) or --max-time has passed; medians. When one set of inputs would fit in the last-level cache, each case rotates
+--min-time seconds and until 5+ blocks agree within 10% (IQR/median) or --max-time has passed; medians.
+torch and fastbn are timed in --rounds alternating rounds (torch first, then fastbn first) sharing those
+times, and the fastest round's median is reported, so a stall of the machine spoils one round of one side
+rather than the comparison. When one set of inputs would fit in the last-level cache, each case rotates
 among k copies with k * bytes >= 3 * LLC (LLC from sysfs or the GPU's properties, 64 MB when unknown).
 Every call allocates its outputs, as in real use. On CPU glibc is told to keep freed memory (see
 common.tune_cpu_allocator): otherwise every output over 32 MB is page-faulted afresh, which costs several
@@ -310,17 +313,24 @@ def run_case(name, inp, args_, device, want_compile):
     row = {"bytes": nbytes}
     runs = {"torch": (op.torch_fn, op.args(inp, "torch")), "fastbn": (op.fastbn_fn, op.args(inp, "fastbn"))}
     outputs = {}
-    for impl, (fn, arg_sets) in runs.items():
-        try:
+    try:
+        for impl, (fn, arg_sets) in runs.items():
             # The first call gives the output to check and is the warm-up, with Timer's block-size search.
             outputs[impl] = fn(*arg_sets[0])
-            row[impl + "_s"], m = common.measure(common.rotating(fn, arg_sets), args_.min_time, args_.max_time,
-                                                 warmup=0,
-                                                 graph_calls=graph_calls(args_, len(arg_sets)))
-            row[impl + "_iqr_s"], row[impl + "_samples"] = m.iqr, len(m.times)
-        except Exception as exc:  # one failing op (e.g. an unimplemented dtype) must not end the run
-            row["error"] = f"{impl}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            return row
+        # The two are timed in alternating rounds (torch first, then fastbn first, ...), each round's median kept
+        # and the fastest round reported: a stall of the machine (a VM's memory or CPU being taken away for a
+        # fraction of a second) then spoils one round of one side rather than the comparison.
+        for r in range(args_.rounds):
+            for impl in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                fn, arg_sets = runs[impl]
+                seconds, m = common.measure(common.rotating(fn, arg_sets), args_.min_time / args_.rounds,
+                                            args_.max_time / args_.rounds, warmup=0,
+                                            graph_calls=graph_calls(args_, len(arg_sets)))
+                if seconds < row.get(impl + "_s", math.inf):
+                    row[impl + "_s"], row[impl + "_iqr_s"], row[impl + "_samples"] = seconds, m.iqr, len(m.times)
+    except Exception as exc:  # one failing op (e.g. an unimplemented dtype) must not end the run
+        row["error"] = f"{impl}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        return row
     if not args_.no_check:
         row["max_abs_diff"], row["fraction_off"], row["check_ok"] = check(outputs["fastbn"], outputs["torch"],
                                                                           inp.x[0].dtype)
@@ -587,6 +597,9 @@ def parse_args(argv=None):
                    help="least seconds of timing per measurement (default 0.05)")
     p.add_argument("--max-time", type=float, help="most seconds per measurement, when the spread stays above 10%% "
                                                   "of the median (default 0.3; --quick 0.2)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="alternating timing rounds of torch and fastbn per case, the fastest round's median "
+                        "reported; --min-time and --max-time are shared among them (default 2)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--out-dir", default=common.RESULTS_DIR, help="where ops-<device>.json and .png go")
     p.add_argument("--markdown", help="also write the table and summary to this file, e.g. benchmarks/results/cpu.md")
