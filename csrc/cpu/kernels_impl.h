@@ -573,9 +573,13 @@ void elementwise_runs(const Geometry& g, bool stream, F&& f) {
 
 // ---------------------------------------------------------------------------------------------------------
 // Normalize: one contiguous run of n elements whose coefficients come from Coef (plane or row).
+// The elementwise passes prefetch their inputs kPrefetchBytes ahead, into the next runs of the thread's share
+// (alternating runs on the 2-core EPYC: eval channels_last 32x2048x7x7 0.88 -> 0.67 ms, 32x256x14x14
+// 0.25 -> 0.18 ms, median of 4).
 template <typename scalar_t, bool kResidual, bool kRelu, typename Coef>
 inline void normalize_run(const scalar_t* x, const scalar_t* res, scalar_t* y, int64_t n, const Coef& mean,
                           const Coef& scale, const Coef& shift, bool stream) {
+  constexpr int64_t kAhead = kPrefetchBytes / int64_t(sizeof(scalar_t));
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
@@ -583,6 +587,8 @@ inline void normalize_run(const scalar_t* x, const scalar_t* res, scalar_t* y, i
   const Vec zero(acc_t(0));
   vector_steps<IO::kWidth>(n, [&](int64_t i, int64_t count) {
     Vec v[P], r[P];
+    __builtin_prefetch(x + i + kAhead);
+    if constexpr (kResidual) __builtin_prefetch(res + i + kAhead);
     IO::load(x + i, v, count);
     if constexpr (kResidual) IO::load(res + i, r, count);
     for (int q = 0; q < P; ++q) {
@@ -817,7 +823,7 @@ inline void backward_run(const scalar_t* dy, const scalar_t* x, const scalar_t* 
   const Vec zero(acc_t(0));
   vector_steps<IO::kWidth>(n, [&](int64_t i, int64_t count) {
     Vec d[P], v[P], r[P], out[P];
-    if (prefetch_ahead != 0) {  // the next fused block's inputs, into L2 (backward_fused_impl)
+    if (prefetch_ahead != 0) {  // kPrefetchBytes ahead, or the next fused block's (backward_fused_impl)
       __builtin_prefetch(dy + i + prefetch_ahead, 0, 2);
       __builtin_prefetch(x + i + prefetch_ahead, 0, 2);
       if constexpr (kResidual) __builtin_prefetch(res + i + prefetch_ahead, 0, 2);
@@ -861,7 +867,8 @@ void backward_elementwise_impl(const ElementwiseArgs<scalar_t>& a) {
     backward_run<scalar_t, kResidual, kRelu, kTrain>(dy + off, x + off, kResidual ? res + off : nullptr,
                                                      dx ? dx + off : nullptr, gout ? gout + off : nullptr, n,
                                                      coef(a.mean), coef(a.scale), coef(a.shift), coef(a.k),
-                                                     coef(p_arr), coef(q_arr), stream);
+                                                     coef(p_arr), coef(q_arr), stream,
+                                                     kPrefetchBytes / int64_t(sizeof(scalar_t)));
   });
 }
 
@@ -974,7 +981,8 @@ void backward_channel_major_impl(const FusedBackwardArgs<scalar_t>& a) {
         backward_run<scalar_t, kResidual, kRelu, true>(
             dy + off, x + off, kResidual ? res + off : nullptr, dx ? dx + off : nullptr, gout ? gout + off : nullptr,
             n, PlaneCoef<acc_t>(e.mean[c]), PlaneCoef<acc_t>(e.scale[c]), PlaneCoef<acc_t>(e.shift[c]),
-            PlaneCoef<acc_t>(e.k[c]), PlaneCoef<acc_t>(p[c]), PlaneCoef<acc_t>(q[c]), stream);
+            PlaneCoef<acc_t>(e.k[c]), PlaneCoef<acc_t>(p[c]), PlaneCoef<acc_t>(q[c]), stream,
+            kPrefetchBytes / int64_t(sizeof(scalar_t)));
       });
       stream_fence(stream);
     });
