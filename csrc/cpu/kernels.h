@@ -89,7 +89,8 @@ inline int64_t plane_chunk(int64_t S, int64_t max_len) {
 constexpr int64_t kMaxRuns = 1024;
 
 // Positions of a one-channel reduction tile (a long plane): its runs are summed in registers, one run at a time,
-// and folded into double after each run, so a float lane never sums more than kMaxChannelRun / 32 values.
+// and folded into double every kMaxChannelRun positions, so a float lane never sums more than kMaxChannelRun / 32
+// values (kMaxChannelRun / 16 with 256-bit vectors).
 constexpr int64_t kMaxChannelRun = 16384;
 
 // Blocks of whole channels for the fused training backward: each block's inputs (all samples) stay in cache

@@ -303,8 +303,9 @@ inline double position_sum(const acc_t* p, int64_t n) {
 
 // Sums a one-channel tile (a long plane, or a chunk of one) into two double totals: vf(offset, a, b) adds the
 // kWidth values at offset into the vector sums a and b, sf(offset, a, b) one value into scalar sums. The runs are
-// read one after the other, each a sequential stream, with two pairs of vector chains; the sums go to double after
-// each run.
+// read one after the other, each a sequential stream, with two pairs of vector chains; the sums go to double
+// once kMaxChannelRun positions have been summed (after each run of a long plane, after every 20 28x28 planes),
+// so a float lane sums at most kMaxChannelRun / 32 values and short planes do not pay a horizontal sum each.
 // pf(offset) prefetches every input at offset: while a run is summed, the first kRunPrefetchBytes of the next one
 // are requested, so the hardware prefetchers (which stop at page boundaries) find the next stream under way.
 constexpr int64_t kRunPrefetchBytes = 2048;
@@ -316,15 +317,16 @@ inline void one_channel_sums(const RunTile& t, VF&& vf, SF&& sf, PF&& pf, double
   using Vec = typename IO::Vec;
   constexpr int64_t W = IO::kWidth;
   constexpr int64_t kLine = 64 / sizeof(scalar_t);
+  const int64_t fold_runs = std::max<int64_t>(1, kMaxChannelRun / t.len);
   total_a = total_b = 0;
+  Vec a0(acc_t(0)), a1(acc_t(0)), b0(acc_t(0)), b1(acc_t(0));
+  acc_t ta = 0, tb = 0;
   for (int64_t r = 0; r < t.runs; ++r) {
     const int64_t base = t.base + r * t.stride;
     if (r + 1 < t.runs) {
       const int64_t ahead = std::min<int64_t>(t.len, kRunPrefetchBytes / sizeof(scalar_t));
       for (int64_t i = 0; i < ahead; i += kLine) pf(base + t.stride + i);
     }
-    Vec a0(acc_t(0)), a1(acc_t(0)), b0(acc_t(0)), b1(acc_t(0));
-    acc_t ta = 0, tb = 0;
     int64_t i = 0;
     for (; i + 2 * W <= t.len; i += 2 * W) {
       vf(base + i, a0, b0);
@@ -332,8 +334,12 @@ inline void one_channel_sums(const RunTile& t, VF&& vf, SF&& sf, PF&& pf, double
     }
     for (; i + W <= t.len; i += W) vf(base + i, a0, b0);
     for (; i < t.len; ++i) sf(base + i, ta, tb);
-    total_a += double(hsum(a0 + a1)) + double(ta);
-    total_b += double(hsum(b0 + b1)) + double(tb);
+    if ((r + 1) % fold_runs == 0 || r + 1 == t.runs) {
+      total_a += double(hsum(a0 + a1)) + double(ta);
+      total_b += double(hsum(b0 + b1)) + double(tb);
+      a0 = a1 = b0 = b1 = Vec(acc_t(0));
+      ta = tb = 0;
+    }
   }
 }
 
