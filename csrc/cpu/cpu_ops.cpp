@@ -100,11 +100,20 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
     }
     const int64_t m = input.numel() / C;
     std::vector<acc_t> m2(C);
-    const Geometry gs = classify(input);
-    kernels_for<scalar_t>(gs).stats({gs, &input, mean, m2.data()});
-
-    // Per-channel epilogue of the statistics, in double like torch's CPU kernel (C values: free).
-    for (int64_t c = 0; c < C; ++c) invstd[c] = static_cast<acc_t>(1.0 / std::sqrt(double(m2[c]) / m + eps));
+    const Tensor* res = defined(residual) ? &*residual : nullptr;
+    const Geometry gn = classify(input, {res, &output});
+    const FusedBlocks blocks(gn, static_cast<int64_t>(input.element_size()) * (res != nullptr ? 2 : 1));
+    const auto& kernels = kernels_for<scalar_t>(gn);
+    const bool fused = blocks.blocks > 0 && kernels.forward_fused != nullptr;
+    if (fused) {
+      const auto w = channel_values<param_t, acc_t>(weight, C, acc_t(1));
+      const auto b = channel_values<param_t, acc_t>(bias, C, acc_t(0));
+      kernels.forward_fused({blocks, gn, &input, res, &output, relu, w.data(), b.data(), eps, mean, m2.data(), invstd});
+    } else {
+      const Geometry gs = classify(input);
+      kernels_for<scalar_t>(gs).stats({gs, &input, mean, m2.data()});
+      for (int64_t c = 0; c < C; ++c) invstd[c] = invstd_of<acc_t>(m2[c], m, eps);
+    }
     if (defined(running_mean)) {
       const double f = momentum.has_value() ? *momentum : 1.0 / static_cast<double>(batches);
       update_channels<param_t>(*running_mean, [&](int64_t c, double old) { return f * double(mean[c]) + (1 - f) * old; });
@@ -113,10 +122,10 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
       });
     }
 
-    const auto k = coefficients<param_t>(invstd, weight, bias, C);
-    const Tensor* res = defined(residual) ? &*residual : nullptr;
-    const Geometry gn = classify(input, {res, &output});
-    kernels_for<scalar_t>(gn).normalize({gn, &input, res, &output, mean, k.scale.data(), k.shift.data(), relu});
+    if (!fused) {
+      const auto k = coefficients<param_t>(invstd, weight, bias, C);
+      kernels.normalize({gn, &input, res, &output, mean, k.scale.data(), k.shift.data(), relu});
+    }
   });
   return {output, save_mean, save_invstd};
 }

@@ -218,7 +218,7 @@ void backward_elementwise(const ElementwiseArgs<scalar_t>& a) {
 
 }  // namespace
 
-FASTBN_DEFINE_CPU_KERNELS({&stats<scalar_t>, &normalize<scalar_t>, &backward_reduce<scalar_t>,
+FASTBN_DEFINE_CPU_KERNELS({&stats<scalar_t>, &normalize<scalar_t>, nullptr, &backward_reduce<scalar_t>,
                            &backward_elementwise<scalar_t>, nullptr})
 
 }  // namespace strided

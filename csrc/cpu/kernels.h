@@ -137,10 +137,31 @@ struct FusedBackwardArgs {
   const acc_t* invstd;
 };
 
+// Training forward over kPlanes in fused blocks (per-thread schedule only): writes mean, m2 and invstd
+// (1 / sqrt(m2 / count + eps), math.h invstd_of) per channel, and y normalized with scale = invstd·weight and
+// shift = bias.
+template <typename scalar_t>
+struct FusedForwardArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  FusedBlocks blocks;
+  Geometry geom;
+  const at::Tensor* x;
+  const at::Tensor* residual;  // nullable
+  const at::Tensor* y;         // allocated like x
+  bool relu;
+  const acc_t* weight;  // C values (1 where there is no weight)
+  const acc_t* bias;    // C values (0 where there is no bias)
+  double eps;
+  acc_t* mean;    // C
+  acc_t* m2;      // C
+  acc_t* invstd;  // C
+};
+
 template <typename scalar_t>
 struct Kernels {
   void (*stats)(const StatsArgs<scalar_t>&);
   void (*normalize)(const NormalizeArgs<scalar_t>&);
+  void (*forward_fused)(const FusedForwardArgs<scalar_t>&);  // nullptr in the strided table
   void (*backward_reduce)(const ReduceArgs<scalar_t>&);
   void (*backward_elementwise)(const ElementwiseArgs<scalar_t>&);
   void (*backward_fused)(const FusedBackwardArgs<scalar_t>&);  // nullptr in the strided table

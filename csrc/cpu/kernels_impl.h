@@ -7,6 +7,8 @@
 //                         summed per position in L1, or per channel in registers for long planes); per-tile
 //                         partials in double, folded per channel with Chan's merge.
 //   normalize             1E read + 1E write (+1E read of the residual).
+//   forward_fused         training forward on kPlanes: 1E read + 1E write, per block of whole channels (FusedBlocks)
+//                         whose statistics are computed and which is then normalized from L2 by one thread.
 //   backward_reduce       2E read (x, dy) (+1E residual when the ReLU mask needs it), on the same tiles.
 //   backward_elementwise  2E read + 1E write (dy only when eval without ReLU: 1E + 1E; +1E for g_out).
 //   backward_fused        training backward on kPlanes: 2E read + 1E write, per block of whole channels
@@ -383,13 +385,152 @@ void merge_partials(int64_t slots, int64_t C, Count&& count, const part_t* part_
 // so d is of the order of the spread, not of the mean (1e4 + randn keeps its digits: x - k is exact there). A
 // tile sums at most kMaxRuns runs per position; its partial goes to double at once, and merge_partials combines
 // the tiles in a fixed order.
+// Per-tile buffers of the statistics: each channel's shift expanded per position, and the two per-position sums.
+template <typename acc_t>
+struct StatsBuffers {
+  std::vector<acc_t> shift, sum, sq;
+  explicit StatsBuffers(int64_t max_L) : shift(max_L), sum(max_L), sq(max_L) {}
+};
+
+// (mean, m2) of one tile per channel, in double: out_mean[j], out_m2[j] for channel t.c0 + j.
 template <typename scalar_t>
-void stats(const StatsArgs<scalar_t>& a) {
+void stats_tile(const scalar_t* x, const RunTile& t, StatsBuffers<at::opmath_type<scalar_t>>& buf, double* out_mean,
+                double* out_m2) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   constexpr int P = IO::kParts;
   constexpr int64_t V = IO::kVec, W = IO::kWidth;
+  const int64_t L = t.L();
+  const double inv_n = 1.0 / double(t.runs * t.len);
+  const auto fold = [&](int64_t j, double k, double s, double s2) {
+    out_mean[j] = k + s * inv_n;
+    const double m2 = s2 - s * (s * inv_n);
+    out_m2[j] = m2 < 0 ? 0 : m2;  // rounding only; NaN stays NaN
+  };
+  if (t.c1 - t.c0 == 1 && t.len > 1) {
+    const acc_t k = acc_t(x[t.base]);
+    const Vec kv(k);
+    double s, s2;
+    one_channel_sums<scalar_t>(
+        t,
+        [&](int64_t o, Vec& a, Vec& b) {
+          Vec v[P];
+          IO::load(x + o, v);
+          for (int q = 0; q < P; ++q) {
+            const Vec d = v[q] - kv;
+            a = a + d;
+            b = at::vec::fmadd(d, d, b);
+          }
+        },
+        [&](int64_t o, acc_t& a, acc_t& b) {
+          const acc_t d = acc_t(x[o]) - k;
+          a += d;
+          b += d * d;
+        },
+        [&](int64_t o) { __builtin_prefetch(x + o); }, s, s2);
+    fold(0, double(k), s, s2);
+    return;
+  }
+  acc_t* shift = buf.shift.data();
+  acc_t* sum = buf.sum.data();
+  acc_t* sq = buf.sq.data();
+  expand_channels(t, shift, [&](int64_t c) { return acc_t(x[t.base + (c - t.c0) * t.len]); });
+  // Runs of at most kRegVectors vectors (channels-last with few channels): the sums stay in registers.
+  const auto in_registers = [&](auto nv_tag) {
+    constexpr int NV = decltype(nv_tag)::value;
+    Vec k[NV][P], s[NV][P], s2[NV][P];
+    for (int v = 0; v < NV; ++v) {
+      for (int q = 0; q < P; ++q) {
+        k[v][q] = Vec::loadu(&shift[v * W + q * V]);
+        s[v][q] = Vec(acc_t(0));
+        s2[v][q] = Vec(acc_t(0));
+      }
+    }
+    for (int64_t r = 0; r < t.runs; ++r) {
+      const scalar_t* run = x + t.base + r * t.stride;
+      for (int v = 0; v < NV; ++v) {
+        Vec d[P];
+        IO::load(run + v * W, d);
+        for (int q = 0; q < P; ++q) {
+          d[q] = d[q] - k[v][q];
+          s[v][q] = s[v][q] + d[q];
+          s2[v][q] = at::vec::fmadd(d[q], d[q], s2[v][q]);
+        }
+      }
+    }
+    for (int v = 0; v < NV; ++v) {
+      for (int q = 0; q < P; ++q) {
+        s[v][q].store(&sum[v * W + q * V]);
+        s2[v][q].store(&sq[v * W + q * V]);
+      }
+    }
+  };
+  if (L % W == 0 && L / W <= kRegVectors / P) {
+    switch (L / W) {
+      case 1:
+        in_registers(std::integral_constant<int, 1>{});
+        break;
+      case 2:
+        in_registers(std::integral_constant<int, std::min(2, kRegVectors / P)>{});
+        break;
+      case 3:
+        in_registers(std::integral_constant<int, std::min(3, kRegVectors / P)>{});
+        break;
+      default:
+        in_registers(std::integral_constant<int, kRegVectors / P>{});
+        break;
+    }
+  } else {
+    std::fill_n(sum, L, acc_t(0));
+    std::fill_n(sq, L, acc_t(0));
+    run_groups(t, [&](int64_t off, auto g_tag) {
+      constexpr int G = decltype(g_tag)::value;
+      const scalar_t* run = x + off;
+      int64_t i = 0;
+      for (; i + W <= L; i += W) {
+        Vec k[P], s[P], s2[P], d[G][P];
+        prefetch_next_group<G>(run + i, t.stride);
+        for (int q = 0; q < P; ++q) {
+          k[q] = Vec::loadu(&shift[i + q * V]);
+          s[q] = Vec::loadu(&sum[i + q * V]);
+          s2[q] = Vec::loadu(&sq[i + q * V]);
+        }
+        for (int j = 0; j < G; ++j) {
+          IO::load(run + j * t.stride + i, d[j]);
+          for (int q = 0; q < P; ++q) d[j][q] = d[j][q] - k[q];
+        }
+        for (int q = 0; q < P; ++q) {
+          if constexpr (G == 4) {
+            s[q] = s[q] + ((d[0][q] + d[1][q]) + (d[2][q] + d[3][q]));
+            s2[q] = s2[q] + (at::vec::fmadd(d[1][q], d[1][q], d[0][q] * d[0][q]) +
+                             at::vec::fmadd(d[3][q], d[3][q], d[2][q] * d[2][q]));
+          } else {
+            static_assert(G == 1);
+            s[q] = s[q] + d[0][q];
+            s2[q] = at::vec::fmadd(d[0][q], d[0][q], s2[q]);
+          }
+          s[q].store(&sum[i + q * V]);
+          s2[q].store(&sq[i + q * V]);
+        }
+      }
+      for (; i < L; ++i) {
+        for (int j = 0; j < G; ++j) {
+          const acc_t d = acc_t(run[j * t.stride + i]) - shift[i];
+          sum[i] += d;
+          sq[i] += d * d;
+        }
+      }
+    });
+  }
+  for (int64_t j = 0; j < t.c1 - t.c0; ++j) {
+    fold(j, double(shift[j * t.len]), position_sum(&sum[j * t.len], t.len), position_sum(&sq[j * t.len], t.len));
+  }
+}
+
+template <typename scalar_t>
+void stats(const StatsArgs<scalar_t>& a) {
+  using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
   const RunTiles rt(a.geom);
   const int64_t C = rt.C;
@@ -397,135 +538,10 @@ void stats(const StatsArgs<scalar_t>& a) {
   std::vector<double> part_mean(rt.slots() * C), part_m2(rt.slots() * C);
 
   at::parallel_for(0, rt.items(), rt.grain(), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> shift(rt.max_L()), sum(rt.max_L()), sq(rt.max_L());
+    StatsBuffers<acc_t> buf(rt.max_L());
     for (int64_t item = begin; item < end; ++item) {
       const RunTile t = rt.at(item);
-      const int64_t L = t.L();
-      const double inv_n = 1.0 / double(t.runs * t.len);
-      double* out_mean = &part_mean[t.slot * C + t.c0];
-      double* out_m2 = &part_m2[t.slot * C + t.c0];
-      const auto fold = [&](int64_t j, double k, double s, double s2) {
-        out_mean[j] = k + s * inv_n;
-        const double m2 = s2 - s * (s * inv_n);
-        out_m2[j] = m2 < 0 ? 0 : m2;  // rounding only; NaN stays NaN
-      };
-      if (t.c1 - t.c0 == 1 && t.len > 1) {
-        const acc_t k = acc_t(x[t.base]);
-        const Vec kv(k);
-        double s, s2;
-        one_channel_sums<scalar_t>(
-            t,
-            [&](int64_t o, Vec& a, Vec& b) {
-              Vec v[P];
-              IO::load(x + o, v);
-              for (int q = 0; q < P; ++q) {
-                const Vec d = v[q] - kv;
-                a = a + d;
-                b = at::vec::fmadd(d, d, b);
-              }
-            },
-            [&](int64_t o, acc_t& a, acc_t& b) {
-              const acc_t d = acc_t(x[o]) - k;
-              a += d;
-              b += d * d;
-            },
-            [&](int64_t o) { __builtin_prefetch(x + o); }, s, s2);
-        fold(0, double(k), s, s2);
-        continue;
-      }
-      expand_channels(t, shift.data(), [&](int64_t c) { return acc_t(x[t.base + (c - t.c0) * t.len]); });
-      std::fill_n(sum.data(), L, acc_t(0));
-      std::fill_n(sq.data(), L, acc_t(0));
-      // Runs of at most kRegVectors vectors (channels-last with few channels): the sums stay in registers.
-      const auto in_registers = [&](auto nv_tag) {
-        constexpr int NV = decltype(nv_tag)::value;
-        Vec k[NV][P], s[NV][P], s2[NV][P];
-        for (int v = 0; v < NV; ++v) {
-          for (int q = 0; q < P; ++q) {
-            k[v][q] = Vec::loadu(&shift[v * W + q * V]);
-            s[v][q] = Vec(acc_t(0));
-            s2[v][q] = Vec(acc_t(0));
-          }
-        }
-        for (int64_t r = 0; r < t.runs; ++r) {
-          const scalar_t* run = x + t.base + r * t.stride;
-          for (int v = 0; v < NV; ++v) {
-            Vec d[P];
-            IO::load(run + v * W, d);
-            for (int q = 0; q < P; ++q) {
-              d[q] = d[q] - k[v][q];
-              s[v][q] = s[v][q] + d[q];
-              s2[v][q] = at::vec::fmadd(d[q], d[q], s2[v][q]);
-            }
-          }
-        }
-        for (int v = 0; v < NV; ++v) {
-          for (int q = 0; q < P; ++q) {
-            s[v][q].store(&sum[v * W + q * V]);
-            s2[v][q].store(&sq[v * W + q * V]);
-          }
-        }
-      };
-      if (L % W == 0 && L / W <= kRegVectors / P) {
-        switch (L / W) {
-          case 1:
-            in_registers(std::integral_constant<int, 1>{});
-            break;
-          case 2:
-            in_registers(std::integral_constant<int, std::min(2, kRegVectors / P)>{});
-            break;
-          case 3:
-            in_registers(std::integral_constant<int, std::min(3, kRegVectors / P)>{});
-            break;
-          default:
-            in_registers(std::integral_constant<int, kRegVectors / P>{});
-            break;
-        }
-      } else {
-        std::fill_n(sum.data(), L, acc_t(0));
-        std::fill_n(sq.data(), L, acc_t(0));
-        run_groups(t, [&](int64_t off, auto g_tag) {
-          constexpr int G = decltype(g_tag)::value;
-          const scalar_t* run = x + off;
-          int64_t i = 0;
-          for (; i + W <= L; i += W) {
-            Vec k[P], s[P], s2[P], d[G][P];
-            prefetch_next_group<G>(run + i, t.stride);
-            for (int q = 0; q < P; ++q) {
-              k[q] = Vec::loadu(&shift[i + q * V]);
-              s[q] = Vec::loadu(&sum[i + q * V]);
-              s2[q] = Vec::loadu(&sq[i + q * V]);
-            }
-            for (int j = 0; j < G; ++j) {
-              IO::load(run + j * t.stride + i, d[j]);
-              for (int q = 0; q < P; ++q) d[j][q] = d[j][q] - k[q];
-            }
-            for (int q = 0; q < P; ++q) {
-              if constexpr (G == 4) {
-                s[q] = s[q] + ((d[0][q] + d[1][q]) + (d[2][q] + d[3][q]));
-                s2[q] = s2[q] + (at::vec::fmadd(d[1][q], d[1][q], d[0][q] * d[0][q]) +
-                                 at::vec::fmadd(d[3][q], d[3][q], d[2][q] * d[2][q]));
-              } else {
-                static_assert(G == 1);
-                s[q] = s[q] + d[0][q];
-                s2[q] = at::vec::fmadd(d[0][q], d[0][q], s2[q]);
-              }
-              s[q].store(&sum[i + q * V]);
-              s2[q].store(&sq[i + q * V]);
-            }
-          }
-          for (; i < L; ++i) {
-            for (int j = 0; j < G; ++j) {
-              const acc_t d = acc_t(run[j * t.stride + i]) - shift[i];
-              sum[i] += d;
-              sq[i] += d * d;
-            }
-          }
-        });
-      }
-      for (int64_t j = 0; j < t.c1 - t.c0; ++j) {
-        fold(j, double(shift[j * t.len]), position_sum(&sum[j * t.len], t.len), position_sum(&sq[j * t.len], t.len));
-      }
+      stats_tile<scalar_t>(x, t, buf, &part_mean[t.slot * C + t.c0], &part_m2[t.slot * C + t.c0]);
     }
   });
   merge_partials(rt.slots(), C, [&](int64_t slot) { return rt.slot_count(slot); }, part_mean.data(), part_m2.data(),
@@ -584,8 +600,7 @@ void elementwise_runs(const Geometry& g, bool stream, F&& f) {
 // 0.25 -> 0.18 ms, median of 4).
 template <typename scalar_t, bool kResidual, bool kRelu, typename Coef>
 inline void normalize_run(const scalar_t* x, const scalar_t* res, scalar_t* y, int64_t n, const Coef& mean,
-                          const Coef& scale, const Coef& shift, bool stream) {
-  constexpr int64_t kAhead = kPrefetchBytes / int64_t(sizeof(scalar_t));
+                          const Coef& scale, const Coef& shift, bool stream, int64_t prefetch_ahead) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
@@ -593,8 +608,10 @@ inline void normalize_run(const scalar_t* x, const scalar_t* res, scalar_t* y, i
   const Vec zero(acc_t(0));
   vector_steps<IO::kWidth>(n, [&](int64_t i, int64_t count) {
     Vec v[P], r[P];
-    __builtin_prefetch(x + i + kAhead);
-    if constexpr (kResidual) __builtin_prefetch(res + i + kAhead);
+    if (prefetch_ahead != 0) {  // kPrefetchBytes ahead, or the next fused block's (forward_fused_impl)
+      __builtin_prefetch(x + i + prefetch_ahead);
+      if constexpr (kResidual) __builtin_prefetch(res + i + prefetch_ahead);
+    }
     IO::load(x + i, v, count);
     if constexpr (kResidual) IO::load(res + i, r, count);
     for (int q = 0; q < P; ++q) {
@@ -616,7 +633,8 @@ void normalize_impl(const NormalizeArgs<scalar_t>& a) {
   const bool stream = stream_output(a.geom, *a.y);
   elementwise_runs<acc_t>(a.geom, stream, [&](int64_t off, int64_t n, auto coef) {
     normalize_run<scalar_t, kResidual, kRelu>(x + off, kResidual ? res + off : nullptr, y + off, n, coef(a.mean),
-                                              coef(a.scale), coef(a.shift), stream);
+                                              coef(a.scale), coef(a.shift), stream,
+                                              kPrefetchBytes / int64_t(sizeof(scalar_t)));
   });
 }
 
@@ -624,6 +642,62 @@ template <typename scalar_t>
 void normalize(const NormalizeArgs<scalar_t>& a) {
   BOOL_SWITCH(a.residual != nullptr, kResidual, [&] {
     BOOL_SWITCH(a.relu, kRelu, [&] { normalize_impl<scalar_t, kResidual, kRelu>(a); });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Fused training forward over kPlanes (FusedBlocks, kernels.h, per-thread schedule): per block of whole channels one
+// thread computes the block's statistics (stats_tile; the chunks of a long plane merged as stats merges its tiles),
+// turns them into the normalize coefficients and writes y plane by plane while the block's x is still in L2,
+// prefetching the next block's x meanwhile. Traffic: 1E read + 1E write (+1E residual), against 2E + 1E unfused.
+template <typename scalar_t, bool kResidual, bool kRelu>
+void forward_fused_impl(const FusedForwardArgs<scalar_t>& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = a.geom.N, C = a.geom.C, S = a.geom.S, cb = a.blocks.cb, chunk = a.blocks.chunk;
+  const int64_t chunks = div_up(S, chunk);
+  const scalar_t* x = a.x->template data_ptr<scalar_t>();
+  const scalar_t* res = kResidual ? a.residual->template data_ptr<scalar_t>() : nullptr;
+  scalar_t* y = a.y->template data_ptr<scalar_t>();
+  const bool stream = stream_output(a.geom, *a.y);
+  const int64_t grain = N * C * S < kParallelMin ? a.blocks.blocks : 1;
+  at::parallel_for(0, a.blocks.blocks, grain, [&](int64_t begin, int64_t end) {
+    StatsBuffers<acc_t> buf(cb == 1 ? 1 : cb * chunk);  // one-channel tiles sum in registers
+    std::vector<double> part_mean(chunks * cb), part_m2(chunks * cb);
+    std::vector<acc_t> scale(cb), shift(cb);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t c0 = b * cb, c1 = std::min(C, c0 + cb), nc = c1 - c0;
+      for (int64_t k = 0; k < chunks; ++k) {  // one tile unless a plane is longer than a tile
+        const int64_t s0 = k * chunk;
+        const RunTile t{c0, c1, std::min(chunk, S - s0), c0 * S + s0, C * S, N, 0};
+        stats_tile<scalar_t>(x, t, buf, &part_mean[k * nc], &part_m2[k * nc]);
+      }
+      merge_partials(
+          chunks, nc, [&](int64_t k) { return N * (std::min(S, k * chunk + chunk) - k * chunk); }, part_mean.data(),
+          part_m2.data(), a.mean + c0, a.m2 + c0);
+      for (int64_t c = c0; c < c1; ++c) {
+        a.invstd[c] = invstd_of<acc_t>(a.m2[c], N * S, a.eps);
+        scale[c - c0] = a.invstd[c] * a.weight[c];
+        shift[c - c0] = a.bias[c];
+      }
+      const bool prefetch_next = b + 1 < end;
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t off = (n * C + c) * S;
+          const int64_t ahead = prefetch_next && c + cb < C ? cb * S : 0;
+          normalize_run<scalar_t, kResidual, kRelu>(x + off, kResidual ? res + off : nullptr, y + off, S,
+                                                    PlaneCoef<acc_t>(a.mean[c]), PlaneCoef<acc_t>(scale[c - c0]),
+                                                    PlaneCoef<acc_t>(shift[c - c0]), stream, ahead);
+        }
+      }
+    }
+    stream_fence(stream);
+  });
+}
+
+template <typename scalar_t>
+void forward_fused(const FusedForwardArgs<scalar_t>& a) {
+  BOOL_SWITCH(a.residual != nullptr, kResidual, [&] {
+    BOOL_SWITCH(a.relu, kRelu, [&] { forward_fused_impl<scalar_t, kResidual, kRelu>(a); });
   });
 }
 
@@ -1012,8 +1086,8 @@ void backward_fused(const FusedBackwardArgs<scalar_t>& a) {
 
 }  // namespace
 
-FASTBN_DEFINE_CPU_KERNELS({&stats<scalar_t>, &normalize<scalar_t>, &backward_reduce<scalar_t>,
-                           &backward_elementwise<scalar_t>, &backward_fused<scalar_t>})
+FASTBN_DEFINE_CPU_KERNELS({&stats<scalar_t>, &normalize<scalar_t>, &forward_fused<scalar_t>,
+                           &backward_reduce<scalar_t>, &backward_elementwise<scalar_t>, &backward_fused<scalar_t>})
 
 }  // namespace FASTBN_CPU_CAP
 }  // namespace cpu

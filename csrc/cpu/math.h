@@ -3,6 +3,7 @@
 // from fusing the multiply-add in some places and not in others).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 namespace fastbn {
@@ -49,6 +50,12 @@ template <typename acc_t>
 inline void train_dx_coefficients(acc_t k, acc_t invstd, acc_t sum_g, acc_t sum_gxmu, int64_t m, acc_t& p, acc_t& q) {
   p = -k * invstd * invstd * sum_gxmu / acc_t(m);
   q = -k * sum_g / acc_t(m);
+}
+
+// 1 / sqrt(variance + eps) from m2 over count values, in double like torch's CPU kernel.
+template <typename acc_t>
+inline acc_t invstd_of(acc_t m2, int64_t count, double eps) {
+  return static_cast<acc_t>(1.0 / std::sqrt(double(m2) / double(count) + eps));
 }
 
 inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
