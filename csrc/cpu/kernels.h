@@ -93,15 +93,17 @@ constexpr int64_t kMaxRuns = 1024;
 // values (kMaxChannelRun / 16 with 256-bit vectors).
 constexpr int64_t kMaxChannelRun = 16384;
 
-// Blocks of whole channels for the fused training backward: each block's inputs (all samples) stay in cache
-// between its reduction and its elementwise pass, so dy and x are read from memory once (3E instead of 5E).
-// Cut from the shape alone (results do not depend on the thread count). On the 2-core EPYC, 256 KiB blocks beat
-// 4 MiB ones at 7x7 and 14x14 (backward 32x512x14x14 0.89 vs 1.27 ms) and matched 1 MiB ones elsewhere.
-// Two schedules:
-//   per-thread     one thread reduces a block and writes its dx (from L2): C >= kMinBlocks, N <= kMaxRuns.
+// Blocks of whole channels for the fused training passes: each block's inputs (all samples) stay in cache between
+// its reduction and its elementwise pass, so they are read from memory once (backward 3E instead of 5E, forward 2E
+// instead of 3E). Cut from the shape alone (results do not depend on the thread count). On the 2-core EPYC,
+// 256 KiB blocks beat 4 MiB ones at 7x7 and 14x14 (backward 32x512x14x14 0.89 vs 1.27 ms) and matched 1 MiB ones
+// elsewhere; 64, 128 and 512 KiB were no better. Two schedules:
+//   per-thread     one thread reduces a block and writes its output (from L2), prefetching the next block while it
+//                  writes: C >= kMinBlocks, N <= kMaxRuns. Forward and backward.
 //   channel-major  fewer channels than kMinBlocks (a (20, 6, 65536) input): the blocks are the reduction's own
 //                  channel blocks (RunTiles), taken one after the other, every thread reducing a share of the block
 //                  and then writing a share of its dx, from the last-level cache when the block fits there.
+//                  Backward only (the forward takes the unfused passes there).
 struct FusedBlocks {
   static constexpr int64_t kMaxPositions = 4096;  // per-position sums of one tile: ≤ 16 KiB per array
   static constexpr int64_t kMaxBytes = 1 << 18;   // a block's inputs; the next block is prefetched meanwhile
