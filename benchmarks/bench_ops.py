@@ -35,8 +35,9 @@ Timing: torch.utils.benchmark.Timer, in blocks of ~10 ms of back-to-back calls w
 --min-time seconds and until 5+ blocks agree within 10% (IQR/median) or --max-time has passed; medians.
 torch and fastbn are timed in --rounds alternating rounds (torch first, then fastbn first) sharing those
 times, and the fastest round's median is reported, so a stall of the machine spoils one round of one side
-rather than the comparison (torch.compile's time too is the fastest of --rounds rounds). When one set of inputs would fit in the last-level cache, each case rotates
-among k copies with k * bytes >= 3 * LLC (LLC from sysfs or the GPU's properties, 64 MB when unknown).
+rather than the comparison (torch.compile's time too is the fastest of --rounds rounds). When one set of
+inputs would fit in the last-level cache, each case rotates among k copies with k * bytes >= 3 * LLC (LLC
+from sysfs or the GPU's properties, 64 MB when unknown).
 Every call allocates its outputs, as in real use. On CPU glibc is told to keep freed memory (see
 common.tune_cpu_allocator): otherwise every output over 32 MB is page-faulted afresh, which costs several
 times the kernel on a small VM; --system-malloc keeps glibc's default. Copy bandwidth is dst.copy_(src) on

@@ -932,23 +932,41 @@ inline void backward_run(const scalar_t* dy, const scalar_t* x, const scalar_t* 
   });
 }
 
+// The backward elementwise pass's tensors (ElementwiseArgs) as pointers, whether its output streams, and
+// backward_run over the run at an element offset: what the unfused, fused and channel-major schedules share.
+template <typename scalar_t>
+struct BackwardData {
+  const scalar_t* dy;
+  const scalar_t* x;
+  const scalar_t* res;
+  scalar_t* dx;
+  scalar_t* gout;
+  bool stream;
+  explicit BackwardData(const ElementwiseArgs<scalar_t>& e)
+      : dy(e.dy->template data_ptr<scalar_t>()),
+        x(e.x->template data_ptr<scalar_t>()),
+        res(e.residual != nullptr ? e.residual->template data_ptr<scalar_t>() : nullptr),
+        dx(e.dx != nullptr ? e.dx->template data_ptr<scalar_t>() : nullptr),
+        gout(e.g_out != nullptr ? e.g_out->template data_ptr<scalar_t>() : nullptr),
+        stream(stream_output(e.geom, e.dx != nullptr ? *e.dx : *e.g_out)) {}
+  template <bool kResidual, bool kRelu, bool kTrain, typename Coef>
+  C10_ALWAYS_INLINE void run(int64_t off, int64_t n, const Coef& mean, const Coef& scale, const Coef& shift, const Coef& k,
+           const Coef& p, const Coef& q, int64_t prefetch_ahead) const {
+    backward_run<scalar_t, kResidual, kRelu, kTrain>(dy + off, x + off, kResidual ? res + off : nullptr,
+                                                     dx ? dx + off : nullptr, gout ? gout + off : nullptr, n, mean,
+                                                     scale, shift, k, p, q, stream, prefetch_ahead);
+  }
+};
+
 template <typename scalar_t, bool kResidual, bool kRelu, bool kTrain>
 void backward_elementwise_impl(const ElementwiseArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* dy = a.dy->template data_ptr<scalar_t>();
-  const scalar_t* x = a.x->template data_ptr<scalar_t>();
-  const scalar_t* res = kResidual ? a.residual->template data_ptr<scalar_t>() : nullptr;
-  scalar_t* dx = a.dx != nullptr ? a.dx->template data_ptr<scalar_t>() : nullptr;
-  scalar_t* gout = a.g_out != nullptr ? a.g_out->template data_ptr<scalar_t>() : nullptr;
+  const BackwardData<scalar_t> d(a);
   const acc_t* p_arr = kTrain ? a.p : a.k;  // p, q unused when !kTrain
   const acc_t* q_arr = kTrain ? a.q : a.k;
-  const bool stream = stream_output(a.geom, a.dx != nullptr ? *a.dx : *a.g_out);
-  elementwise_runs<acc_t>(a.geom, stream, [&](int64_t off, int64_t n, auto coef) {
-    backward_run<scalar_t, kResidual, kRelu, kTrain>(dy + off, x + off, kResidual ? res + off : nullptr,
-                                                     dx ? dx + off : nullptr, gout ? gout + off : nullptr, n,
-                                                     coef(a.mean), coef(a.scale), coef(a.shift), coef(a.k),
-                                                     coef(p_arr), coef(q_arr), stream,
-                                                     kPrefetchBytes / int64_t(sizeof(scalar_t)));
+  elementwise_runs<acc_t>(a.geom, d.stream, [&](int64_t off, int64_t n, auto coef) {
+    d.template run<kResidual, kRelu, kTrain>(off, n, coef(a.mean), coef(a.scale), coef(a.shift), coef(a.k),
+                                             coef(p_arr), coef(q_arr), kPrefetchBytes / int64_t(sizeof(scalar_t)));
   });
 }
 
@@ -973,12 +991,7 @@ void backward_fused_impl(const FusedBackwardArgs<scalar_t>& a) {
   const ReduceArgs<scalar_t>& r = a.reduce;
   const ElementwiseArgs<scalar_t>& e = a.elementwise;
   const int64_t N = r.geom.N, C = r.geom.C, S = r.geom.S, cb = a.blocks.cb;
-  const scalar_t* dy = r.dy->template data_ptr<scalar_t>();
-  const scalar_t* x = r.x->template data_ptr<scalar_t>();
-  const scalar_t* res = kResidual ? r.residual->template data_ptr<scalar_t>() : nullptr;
-  scalar_t* dx = e.dx != nullptr ? e.dx->template data_ptr<scalar_t>() : nullptr;
-  scalar_t* gout = e.g_out != nullptr ? e.g_out->template data_ptr<scalar_t>() : nullptr;
-  const bool stream = stream_output(r.geom, e.dx != nullptr ? *e.dx : *e.g_out);
+  const BackwardData<scalar_t> d(e);
   const int64_t grain = N * C * S < kParallelMin ? a.blocks.blocks : 1;
   const int64_t chunk = a.blocks.chunk;
   at::parallel_for(0, a.blocks.blocks, grain, [&](int64_t begin, int64_t end) {
@@ -1008,15 +1021,13 @@ void backward_fused_impl(const FusedBackwardArgs<scalar_t>& a) {
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t off = (n * C + c) * S;
           const int64_t ahead = prefetch_next && c + cb < C ? cb * S : 0;
-          backward_run<scalar_t, kResidual, kRelu, true>(
-              dy + off, x + off, kResidual ? res + off : nullptr, dx ? dx + off : nullptr,
-              gout ? gout + off : nullptr, S, PlaneCoef<acc_t>(e.mean[c]), PlaneCoef<acc_t>(e.scale[c]),
-              PlaneCoef<acc_t>(e.shift[c]), PlaneCoef<acc_t>(e.k[c]), PlaneCoef<acc_t>(p[c - c0]),
-              PlaneCoef<acc_t>(q[c - c0]), stream, ahead);
+          d.template run<kResidual, kRelu, true>(off, S, PlaneCoef<acc_t>(e.mean[c]), PlaneCoef<acc_t>(e.scale[c]),
+                                                 PlaneCoef<acc_t>(e.shift[c]), PlaneCoef<acc_t>(e.k[c]),
+                                                 PlaneCoef<acc_t>(p[c - c0]), PlaneCoef<acc_t>(q[c - c0]), ahead);
         }
       }
     }
-    stream_fence(stream);
+    stream_fence(d.stream);
   });
 }
 
@@ -1031,12 +1042,7 @@ void backward_channel_major_impl(const FusedBackwardArgs<scalar_t>& a) {
   const ElementwiseArgs<scalar_t>& e = a.elementwise;
   const Geometry& geom = r.geom;
   const int64_t C = geom.C, m = geom.per_channel();
-  const scalar_t* dy = r.dy->template data_ptr<scalar_t>();
-  const scalar_t* x = r.x->template data_ptr<scalar_t>();
-  const scalar_t* res = kResidual ? r.residual->template data_ptr<scalar_t>() : nullptr;
-  scalar_t* dx = e.dx != nullptr ? e.dx->template data_ptr<scalar_t>() : nullptr;
-  scalar_t* gout = e.g_out != nullptr ? e.g_out->template data_ptr<scalar_t>() : nullptr;
-  const bool stream = stream_output(r.geom, e.dx != nullptr ? *e.dx : *e.g_out);
+  const BackwardData<scalar_t> d(e);
   const RunTiles rt(geom);
   const int64_t block_items = rt.groups * rt.chunks;  // items of one channel block, (group, chunk) pairs
   std::vector<double> part_g(rt.slots() * C), part_gx(rt.slots() * C);
@@ -1058,13 +1064,12 @@ void backward_channel_major_impl(const FusedBackwardArgs<scalar_t>& a) {
     const PlaneChunks pc(geom, c0, c1);
     at::parallel_for(0, pc.items, pc.grain(), [&](int64_t begin, int64_t end) {
       pc.visit(begin, end, [&](int64_t off, int64_t n, int64_t c) {
-        backward_run<scalar_t, kResidual, kRelu, true>(
-            dy + off, x + off, kResidual ? res + off : nullptr, dx ? dx + off : nullptr, gout ? gout + off : nullptr,
-            n, PlaneCoef<acc_t>(e.mean[c]), PlaneCoef<acc_t>(e.scale[c]), PlaneCoef<acc_t>(e.shift[c]),
-            PlaneCoef<acc_t>(e.k[c]), PlaneCoef<acc_t>(p[c]), PlaneCoef<acc_t>(q[c]), stream,
-            kPrefetchBytes / int64_t(sizeof(scalar_t)));
+        d.template run<kResidual, kRelu, true>(off, n, PlaneCoef<acc_t>(e.mean[c]), PlaneCoef<acc_t>(e.scale[c]),
+                                               PlaneCoef<acc_t>(e.shift[c]), PlaneCoef<acc_t>(e.k[c]),
+                                               PlaneCoef<acc_t>(p[c]), PlaneCoef<acc_t>(q[c]),
+                                               kPrefetchBytes / int64_t(sizeof(scalar_t)));
       });
-      stream_fence(stream);
+      stream_fence(d.stream);
     });
   }
 }
