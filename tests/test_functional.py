@@ -322,7 +322,8 @@ def test_streamed_outputs(fmt, use_residual):
 TILINGS = [((3, 2, 70, 70), "contiguous"), ((2, 16, 70, 70), "contiguous"), ((2, 16, 130, 130), "contiguous"),
            ((70, 300, 3, 3), "contiguous"),
            ((1100, 3, 5, 5), "contiguous"), ((40, 5, 7, 7), "contiguous"), ((1100, 2100), "contiguous"),
-           ((5000, 16), "contiguous"), ((16, 64, 12, 12), "channels_last"), ((40, 200, 5, 5), "channels_last")]
+           ((5000, 16), "contiguous"), ((16, 64, 12, 12), "channels_last"), ((24, 96, 6, 6), "channels_last"),
+           ((20, 128, 5, 5), "channels_last"), ((40, 200, 5, 5), "channels_last")]
 
 
 @pytest.mark.parametrize("use_residual,relu", [(False, False), (True, True)], ids=["bn", "add_relu"])

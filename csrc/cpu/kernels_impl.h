@@ -816,7 +816,7 @@ void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
     expand_channels(t, scale_p, [&](int64_t c) { return a.scale[c]; });
     expand_channels(t, shift_p, [&](int64_t c) { return a.shift[c]; });
   }
-  // Loads the positions [i, i + W) of the per-position arrays; the sums as they stand in the buffers.
+  // Loads the positions [i, i + W) of the per-position mean (and scale, shift) arrays.
   const auto load_coef = [&](int64_t i, Vec* mean, Vec* scale, Vec* shift) {
     for (int q = 0; q < P; ++q) {
       mean[q] = Vec::loadu(mean_p + i + q * V);
@@ -829,7 +829,7 @@ void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
   // With the mask's scale and shift, five arrays of vectors instead of three.
   constexpr int kRegVectorsG = kRegVectors / P / (kRelu ? 2 : 1);
   if (L % W == 0 && L / W <= kRegVectorsG) {
-    // Runs of at most kRegVectors vectors (channels_last with few channels): the sums stay in registers, and the
+    // Runs of at most kRegVectorsG vectors (channels_last with few channels): the sums stay in registers, and the
     // runs are read in memory order. One-row groups with the sums in L1 ran at about 60% of this on 64 channels
     // (a C++ probe on the 2-core EPYC: 26 against 44 GB/s per thread).
     const auto in_registers = [&](auto nv_tag) {
