@@ -33,10 +33,9 @@ Columns:
 Timing: torch.utils.benchmark.Timer, in blocks of ~10 ms of back-to-back calls with a device synchronisation
 (torch.cuda.synchronize on GPU) around each block (common.measure): after a warm-up call, blocks for
 --min-time seconds and until 5+ blocks agree within 10% (IQR/median) or --max-time has passed; medians.
-torch and fastbn are timed in --rounds alternating rounds (torch first, then fastbn first) sharing those
-times, and the fastest round's median is reported, so a stall of the machine spoils one round of one side
-rather than the comparison (torch.compile's time too is the fastest of --rounds rounds). When one set of
-inputs would fit in the last-level cache, each case rotates among k copies with k * bytes >= 3 * LLC (LLC
+torch, fastbn (and torch.compile) take their blocks in turn (common.measure_interleaved), so a slow phase
+of the machine (a VM's memory bandwidth moved between 29 and 67 GB/s within minutes here) falls on all of
+them alike instead of deciding a row by which side it caught. When one set of inputs would fit in the last-level cache, each case rotates among k copies with k * bytes >= 3 * LLC (LLC
 from sysfs or the GPU's properties, 64 MB when unknown).
 Every call allocates its outputs, as in real use. On CPU glibc is told to keep freed memory (see
 common.tune_cpu_allocator): otherwise every output over 32 MB is page-faulted afresh, which costs several
@@ -307,23 +306,15 @@ def graph_calls(args_, copies):
     return copies * math.ceil(16 / copies) if args_.cuda_graphs else 0
 
 
-def measure_rounds(runs, args_, row):
-    """Times each of runs ({name: (fn, arg_sets)}) into row[name + "_s"] (and its IQR and sample count).
-
-    The implementations are timed in alternating rounds (the first first, then the last first, ...) that share
-    --min-time and --max-time; each round's median is kept and the fastest round reported, so a stall of the
-    machine (a VM's memory or CPU taken away for a fraction of a second) spoils one round of one side rather
-    than the comparison.
-    """
-    names = list(runs)
-    for r in range(args_.rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            fn, arg_sets = runs[name]
-            seconds, m = common.measure(common.rotating(fn, arg_sets), args_.min_time / args_.rounds,
-                                        args_.max_time / args_.rounds, warmup=0,
-                                        graph_calls=graph_calls(args_, len(arg_sets)))
-            if seconds < row.get(name + "_s", math.inf):
-                row[name + "_s"], row[name + "_iqr_s"], row[name + "_samples"] = seconds, m.iqr, len(m.times)
+def measure_together(runs, args_, row):
+    """Times each of runs ({name: (fn, arg_sets)}) into row[name + "_s"] (and its IQR and sample count), their
+    timing blocks taken in turn (common.measure_interleaved)."""
+    calls = {name: common.rotating(fn, arg_sets) for name, (fn, arg_sets) in runs.items()}
+    copies = len(next(iter(runs.values()))[1])
+    results = common.measure_interleaved(calls, args_.min_time, args_.max_time, warmup=0,
+                                         graph_calls=graph_calls(args_, copies))
+    for name, (seconds, m) in results.items():
+        row[name + "_s"], row[name + "_iqr_s"], row[name + "_samples"] = seconds, m.iqr, len(m.times)
 
 
 def run_case(name, inp, args_, device, want_compile):
@@ -337,8 +328,6 @@ def run_case(name, inp, args_, device, want_compile):
         for impl, (fn, arg_sets) in runs.items():
             # The first call gives the output to check and is the warm-up, with Timer's block-size search.
             outputs[impl] = fn(*arg_sets[0])
-        impl = "timing"
-        measure_rounds(runs, args_, row)
     except Exception as exc:  # one failing op (e.g. an unimplemented dtype) must not end the run
         row["error"] = f"{impl}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         return row
@@ -355,9 +344,14 @@ def run_case(name, inp, args_, device, want_compile):
             compiled(*arg_sets[0])
             sync(device)
             row["compile_build_s"] = time.perf_counter() - start
-            measure_rounds({"compile": (compiled, arg_sets)}, args_, row)
+            runs["compile"] = (compiled, arg_sets)
         except Exception as exc:
             row["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    try:
+        measure_together(runs, args_, row)
+    except Exception as exc:
+        row["error"] = f"timing: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        return row
     row["speedup"] = row["torch_s"] / row["fastbn_s"]
     if "compile_s" in row:
         row["speedup_vs_compile"] = row["compile_s"] / row["fastbn_s"]
@@ -606,9 +600,6 @@ def parse_args(argv=None):
                    help="least seconds of timing per measurement (default 0.05)")
     p.add_argument("--max-time", type=float, help="most seconds per measurement, when the spread stays above 10%% "
                                                   "of the median (default 0.3; --quick 0.2)")
-    p.add_argument("--rounds", type=int, default=2,
-                   help="timing rounds per case (torch and fastbn alternating), the fastest round's median "
-                        "reported; --min-time and --max-time are shared among them (default 2)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--out-dir", default=common.RESULTS_DIR, help="where ops-<device>.json and .png go")
     p.add_argument("--markdown", help="also write the table and summary to this file, e.g. benchmarks/results/cpu.md")

@@ -192,22 +192,43 @@ def measure(run, min_run_time, max_run_time, warmup=3, graph_calls=0):
     graph_calls > 0 (CUDA only): time replays of a CUDA graph holding that many calls, which removes the
     Python and launch overhead that can exceed a small kernel's time on a fast GPU.
     """
-    for _ in range(warmup):
-        run()
-    per_replay = 1
-    if graph_calls:
-        run, per_replay = cuda_graph(run, graph_calls), graph_calls
-    timer = Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads())
-    number = _block_size(timer)
-    blocks, total = [], 0.0
-    while True:
-        blocks.append(timer.timeit(number))
-        total += blocks[-1].raw_times[0]
-        if len(blocks) < MIN_BLOCKS and total < max_run_time:
-            continue
-        m = Measurement.merge(blocks)[0]
-        if total >= max_run_time or (total >= min_run_time and m.iqr <= SPREAD * m.median):
-            return m.median / per_replay, m
+    return measure_interleaved({"run": run}, min_run_time, max_run_time, warmup, graph_calls)["run"]
+
+
+def measure_interleaved(runs, min_run_time, max_run_time, warmup=3, graph_calls=0):
+    """measure() of several callables ({name: run}) at once: {name: (median seconds per call, Measurement)}.
+
+    Their blocks are taken in turn (A B, then B A, ...) until every one of them meets measure()'s stopping
+    rule, each with its own min_run_time and max_run_time. A slow phase of the machine (a VM losing memory
+    bandwidth for a fraction of a second) then falls on the blocks of all of them alike, and the medians
+    compare the implementations rather than the moments at which each was timed.
+    """
+    timers, numbers, per_replay = {}, {}, {}
+    for name, run in runs.items():
+        for _ in range(warmup):
+            run()
+        per_replay[name] = 1
+        if graph_calls:
+            run, per_replay[name] = cuda_graph(run, graph_calls), graph_calls
+        timers[name] = Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads())
+        numbers[name] = _block_size(timers[name])
+    blocks = {name: [] for name in runs}
+    totals = dict.fromkeys(runs, 0.0)
+    done = {}
+    names = list(runs)
+    while len(done) < len(names):
+        for name in names:
+            if name in done:
+                continue
+            blocks[name].append(timers[name].timeit(numbers[name]))
+            totals[name] += blocks[name][-1].raw_times[0]
+            if len(blocks[name]) < MIN_BLOCKS and totals[name] < max_run_time:
+                continue
+            m = Measurement.merge(blocks[name])[0]
+            if totals[name] >= max_run_time or (totals[name] >= min_run_time and m.iqr <= SPREAD * m.median):
+                done[name] = (m.median / per_replay[name], m)
+        names.reverse()
+    return done
 
 
 def _block_size(timer):
