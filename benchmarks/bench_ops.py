@@ -35,8 +35,9 @@ Timing: torch.utils.benchmark.Timer, in blocks of ~10 ms of back-to-back calls w
 --min-time seconds and until 5+ blocks agree within 10% (IQR/median) or --max-time has passed; medians.
 torch, fastbn (and torch.compile) take their blocks in turn (common.measure_interleaved), so a slow phase
 of the machine (a VM's memory bandwidth moved between 29 and 67 GB/s within minutes here) falls on all of
-them alike instead of deciding a row by which side it caught. When one set of inputs would fit in the last-level cache, each case rotates among k copies with k * bytes >= 3 * LLC (LLC
-from sysfs or the GPU's properties, 64 MB when unknown).
+them alike instead of deciding a row by which side it caught. When one set of inputs would fit in the
+last-level cache, each case rotates among k copies with k * bytes >= 3 * LLC (LLC from sysfs or the GPU's
+properties, 64 MB when unknown).
 Every call allocates its outputs, as in real use. On CPU glibc is told to keep freed memory (see
 common.tune_cpu_allocator): otherwise every output over 32 MB is page-faulted afresh, which costs several
 times the kernel on a small VM; --system-malloc keeps glibc's default. Copy bandwidth is dst.copy_(src) on

@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_ops_writes_checked_rows(tmp_path):
     markdown = tmp_path / "table.md"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ops.py"), "--device", "cpu", "--shapes", "4x8x6x6",
-                    "--compile", "none", "--min-time", "0.001", "--max-time", "0.1", "--no-plot",
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ops.py"), "--device", "cpu",
+                    "--shapes", "4x8x6x6", "--compile", "none", "--min-time", "0.001", "--max-time", "0.1", "--no-plot",
                     "--out-dir", str(tmp_path), "--markdown", str(markdown)],
                    check=True, capture_output=True, cwd=ROOT)
     rows = json.loads((tmp_path / "ops-cpu.json").read_text())["rows"]

@@ -267,12 +267,15 @@ inline void run_groups(const RunTile& t, Group&& group) {
 // a few lines away. On the 2-core EPYC, 8 KiB ahead beat the next group (channels_last forward-train 32x256x14x14
 // 0.50 -> 0.44 ms, best of 4 alternating) and 16 KiB ahead.
 constexpr int64_t kPrefetchBytes = 8192;
+template <typename T>
+constexpr int64_t kPrefetchElements = kPrefetchBytes / int64_t(sizeof(T));
 template <int G, typename T>
 struct GroupPrefetch {
-  int64_t ahead;  // runs
-  explicit GroupPrefetch(int64_t stride)
-      : ahead(std::max<int64_t>(G, (kPrefetchBytes / int64_t(sizeof(T)) + stride - 1) / stride)) {}
-  void operator()(const T* p, int64_t stride) const {
+  int64_t stride;  // elements between runs
+  int64_t ahead;   // runs
+  explicit GroupPrefetch(int64_t run_stride)
+      : stride(run_stride), ahead(std::max<int64_t>(G, (kPrefetchElements<T> + stride - 1) / stride)) {}
+  void operator()(const T* p) const {
     if constexpr (G > 1) {
       for (int j = 0; j < G; ++j) __builtin_prefetch(p + (ahead + j) * stride);
     }
@@ -498,7 +501,7 @@ void stats_tile(const scalar_t* x, const RunTile& t, StatsBuffers<at::opmath_typ
       int64_t i = 0;
       for (; i + W <= L; i += W) {
         Vec k[P], s[P], s2[P], d[G][P];
-        prefetch(run + i, t.stride);
+        prefetch(run + i);
         for (int q = 0; q < P; ++q) {
           k[q] = Vec::loadu(&shift[i + q * V]);
           s[q] = Vec::loadu(&sum[i + q * V]);
@@ -641,8 +644,7 @@ void normalize_impl(const NormalizeArgs<scalar_t>& a) {
   const bool stream = stream_output(a.geom, *a.y);
   elementwise_runs<acc_t>(a.geom, stream, [&](int64_t off, int64_t n, auto coef) {
     normalize_run<scalar_t, kResidual, kRelu>(x + off, kResidual ? res + off : nullptr, y + off, n, coef(a.mean),
-                                              coef(a.scale), coef(a.shift), stream,
-                                              kPrefetchBytes / int64_t(sizeof(scalar_t)));
+                                              coef(a.scale), coef(a.shift), stream, kPrefetchElements<scalar_t>);
   });
 }
 
@@ -862,8 +864,8 @@ void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
       int64_t i = 0;
       for (; i + W <= L; i += W) {
         Vec mean[P], scale[P], shift[P], sg[P], sgx[P];
-        prefetch(dy + off + i, t.stride);
-        prefetch(x + off + i, t.stride);
+        prefetch(dy + off + i);
+        prefetch(x + off + i);
         load_coef(i, mean, scale, shift);
         for (int q = 0; q < P; ++q) {
           sg[q] = Vec::loadu(sum_g + i + q * V);
@@ -1009,8 +1011,8 @@ struct BackwardData {
         gout(e.g_out != nullptr ? e.g_out->template data_ptr<scalar_t>() : nullptr),
         stream(stream_output(e.geom, e.dx != nullptr ? *e.dx : *e.g_out)) {}
   template <bool kResidual, bool kRelu, bool kTrain, typename Coef>
-  C10_ALWAYS_INLINE void run(int64_t off, int64_t n, const Coef& mean, const Coef& scale, const Coef& shift, const Coef& k,
-           const Coef& p, const Coef& q, int64_t prefetch_ahead) const {
+  C10_ALWAYS_INLINE void run(int64_t off, int64_t n, const Coef& mean, const Coef& scale, const Coef& shift,
+                             const Coef& k, const Coef& p, const Coef& q, int64_t prefetch_ahead) const {
     backward_run<scalar_t, kResidual, kRelu, kTrain>(dy + off, x + off, kResidual ? res + off : nullptr,
                                                      dx ? dx + off : nullptr, gout ? gout + off : nullptr, n, mean,
                                                      scale, shift, k, p, q, stream, prefetch_ahead);
@@ -1025,7 +1027,7 @@ void backward_elementwise_impl(const ElementwiseArgs<scalar_t>& a) {
   const acc_t* q_arr = kTrain ? a.q : a.k;
   elementwise_runs<acc_t>(a.geom, d.stream, [&](int64_t off, int64_t n, auto coef) {
     d.template run<kResidual, kRelu, kTrain>(off, n, coef(a.mean), coef(a.scale), coef(a.shift), coef(a.k),
-                                             coef(p_arr), coef(q_arr), kPrefetchBytes / int64_t(sizeof(scalar_t)));
+                                             coef(p_arr), coef(q_arr), kPrefetchElements<scalar_t>);
   });
 }
 
@@ -1126,7 +1128,7 @@ void backward_channel_major_impl(const FusedBackwardArgs<scalar_t>& a) {
         d.template run<kResidual, kRelu, true>(off, n, PlaneCoef<acc_t>(e.mean[c]), PlaneCoef<acc_t>(e.scale[c]),
                                                PlaneCoef<acc_t>(e.shift[c]), PlaneCoef<acc_t>(e.k[c]),
                                                PlaneCoef<acc_t>(p[c]), PlaneCoef<acc_t>(q[c]),
-                                               kPrefetchBytes / int64_t(sizeof(scalar_t)));
+                                               kPrefetchElements<scalar_t>);
       });
       stream_fence(d.stream);
     });
