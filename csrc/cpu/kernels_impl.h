@@ -326,6 +326,19 @@ inline double position_sum(const acc_t* p, int64_t n) {
   return r + double(hsum(a0 + a1));
 }
 
+// A tile's per-position sums folded per channel, in double: out[j] = Σ over the positions of channel t.c0 + j.
+// kRows tiles have one position per channel: a conversion loop the compiler vectorises (a call of position_sum per
+// channel took a tenth of the backward reduction's time on channels_last 32x512x7x7, hot in cache).
+template <typename acc_t>
+inline void channel_sums(const RunTile& t, const acc_t* p, double* out) {
+  const int64_t channels = t.c1 - t.c0;
+  if (t.len == 1) {
+    for (int64_t j = 0; j < channels; ++j) out[j] = double(p[j]);
+  } else {
+    for (int64_t j = 0; j < channels; ++j) out[j] = position_sum(p + j * t.len, t.len);
+  }
+}
+
 // Sums a one-channel tile (a long plane, or a chunk of one) into two double totals: vf(offset, a, b) adds the
 // kWidth values at offset into the vector sums a and b, sf(offset, a, b) one value into scalar sums. The runs are
 // read one after the other, each a sequential stream, with two pairs of vector chains; the sums go to double
@@ -534,9 +547,9 @@ void stats_tile(const scalar_t* x, const RunTile& t, StatsBuffers<at::opmath_typ
       }
     });
   }
-  for (int64_t j = 0; j < t.c1 - t.c0; ++j) {
-    fold(j, double(shift[j * t.len]), position_sum(&sum[j * t.len], t.len), position_sum(&sq[j * t.len], t.len));
-  }
+  channel_sums(t, sum, out_mean);  // Σd and Σd² per channel, folded into (mean, m2) in place
+  channel_sums(t, sq, out_m2);
+  for (int64_t j = 0; j < t.c1 - t.c0; ++j) fold(j, double(shift[j * t.len]), out_mean[j], out_m2[j]);
 }
 
 template <typename scalar_t>
@@ -890,10 +903,8 @@ void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
       }
     });
   }
-  for (int64_t j = 0; j < t.c1 - t.c0; ++j) {
-    out_g[j] = position_sum(sum_g + j * t.len, t.len);
-    out_gx[j] = position_sum(sum_gx + j * t.len, t.len);
-  }
+  channel_sums(t, sum_g, out_g);
+  channel_sums(t, sum_gx, out_gx);
 }
 
 // Channels [c0, c1)'s sums over the per-slot partials ([slot][C] arrays), slot by slot in a fixed order. The slots
