@@ -32,7 +32,8 @@ Columns:
            case takes minutes, so by default only COMPILE_SUBSET is compiled (--compile all / none).
 Timing: torch.utils.benchmark.Timer, in blocks of ~10 ms of back-to-back calls with a device synchronisation
 (torch.cuda.synchronize on GPU) around each block (common.measure): after a warm-up call, blocks for
---min-time seconds and until 5+ blocks agree within 10% (IQR/median) or --max-time has passed; medians.
+--min-time seconds and until 5+ blocks agree within 10% (IQR/median) or --max-time has passed; medians. A
+case still spread over more than UNSETTLED_SPREAD at --max-time is timed once more (the steadier timing is kept).
 torch, fastbn (and torch.compile) take their blocks in turn (common.measure_interleaved), so a slow phase
 of the machine (a VM's memory bandwidth moved between 29 and 67 GB/s within minutes here) falls on all of
 them alike instead of deciding a row by which side it caught. When one set of inputs would fit in the
@@ -307,6 +308,18 @@ def graph_calls(args_, copies):
     return copies * math.ceil(16 / copies) if args_.cuda_graphs else 0
 
 
+# A case whose blocks for one implementation still spread over more than this fraction of their median when
+# --max-time ran out is timed once more, and the timing with the smaller spread is kept ("retimed" in the JSON).
+# On the 2-core VM, one case in a default run could catch a stall for one side only: fastbn's eval on NCHW
+# 32x256x56x56 read 86 ms (IQR 43 ms) between torch blocks of 6 ms, and 2.5 ms when run again.
+UNSETTLED_SPREAD = 0.25
+
+
+def spread(row, names):
+    """The largest IQR / median among the implementations timed into row."""
+    return max(row[name + "_iqr_s"] / row[name + "_s"] for name in names)
+
+
 def measure_together(runs, args_, row):
     """Times each of runs ({name: (fn, arg_sets)}) into row[name + "_s"] (and its IQR and sample count), their
     timing blocks taken in turn (common.measure_interleaved)."""
@@ -316,6 +329,17 @@ def measure_together(runs, args_, row):
                                          graph_calls=graph_calls(args_, copies))
     for name, (seconds, m) in results.items():
         row[name + "_s"], row[name + "_iqr_s"], row[name + "_samples"] = seconds, m.iqr, len(m.times)
+
+
+def time_case(runs, args_, row):
+    """measure_together, and once more when an implementation's blocks are unsettled (UNSETTLED_SPREAD)."""
+    measure_together(runs, args_, row)
+    if spread(row, runs) > UNSETTLED_SPREAD:
+        again = {}
+        measure_together(runs, args_, again)
+        if spread(again, runs) < spread(row, runs):
+            row.update(again)
+        row["retimed"] = True
 
 
 def run_case(name, inp, args_, device, want_compile):
@@ -349,7 +373,7 @@ def run_case(name, inp, args_, device, want_compile):
         except Exception as exc:
             row["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     try:
-        measure_together(runs, args_, row)
+        time_case(runs, args_, row)
     except Exception as exc:
         row["error"] = f"timing: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         return row
