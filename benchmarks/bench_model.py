@@ -10,12 +10,14 @@ Variants, all from the same initial weights:
   fastbn-fused  ResNet-50 built from fastbn.BatchNormReLU2d / BatchNormAddReLU2d, so the residual add and ReLU
                 run inside the BN ops (not with --torchvision, whose blocks call ReLU and add themselves)
 A step is zero_grad, forward, cross-entropy, backward and an SGD step (momentum 0.9); its median time comes
-from torch.utils.benchmark.Timer (common.measure: device synchronised around each block; 5+ blocks, until
-their IQR is within 10% of the median or --max-time) after warm-up steps, which for --compile include the
-compilation. Memory: the bytes autograd saves for backward during one step, counted by
+from torch.utils.benchmark.Timer (device synchronised around each block; 5+ blocks, until their IQR is within
+10% of the median or --max-time) after warm-up steps, which for --compile include the compilation. The
+variants of one mode and format take their blocks in turn (common.measure_interleaved): timed one after the
+other, the same steps on the 2-core VM read 0.84x and 1.22x for fastbn in channels_last, as the machine's
+memory bandwidth moved. Memory: the bytes autograd saves for backward during one step, counted by
 torch.autograd.graph.saved_tensors_hooks as the sum of the distinct storages' sizes, parameters excluded;
 under autocast that includes the low-precision copies of the weights, alike in every variant. On GPU also
-torch.cuda.max_memory_allocated over the step. "loss" is the first step's loss, which should agree across
+the peak of torch.cuda.max_memory_allocated during one step over what was allocated when it started. "loss" is the first step's loss, which should agree across
 variants (closely in float32; 16-bit autocast with few values per channel drifts further).
 Prints a markdown table and writes benchmarks/results/model-<device>.json (--out-dir to change the folder).
 """
@@ -69,7 +71,9 @@ def saved_activation_bytes(step, model):
     return sum(storages.values())
 
 
-def run_variant(variant, mode, fmt, state, args_, device, fastbn):
+def prepare_variant(variant, mode, fmt, state, args_, device, fastbn):
+    """(row, step) for one variant: its model and optimizer built and a first step taken (the compilation under
+    --compile); step is None when that first step failed (the row then says why)."""
     torch.manual_seed(0)
     memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
     model = build(variant, state, args_, fastbn).to(device=device, memory_format=memory_format).train()
@@ -96,30 +100,39 @@ def run_variant(variant, mode, fmt, state, args_, device, fastbn):
         row["loss"] = step().item()  # first step: compiles under --compile
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        return row
+        return row, None
     row["first_step_s"] = time.perf_counter() - start
-    row["step_s"], m = common.measure(step, args_.min_time, args_.max_time, warmup=args_.warmup)
-    row["step_iqr_s"] = m.iqr
-    row["images_per_s"] = args_.batch / row["step_s"]
     try:
         row["saved_bytes"] = saved_activation_bytes(step, model)
     except Exception as exc:  # e.g. hooks a compiled graph does not support
         row["saved_bytes_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     if device.type == "cuda":
+        # Over the memory allocated when the step starts (this variant's weights and optimizer state, and the
+        # other variants' models, which stay alive for the interleaved timing): what one step adds.
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         step()
         torch.cuda.synchronize(device)
-        row["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
-        row["peak_cuda_over_start_bytes"] = row["peak_cuda_bytes"] - before
-    return row
+        row["peak_cuda_over_start_bytes"] = torch.cuda.max_memory_allocated(device) - before
+    return row, step
+
+
+def time_variants(prepared, args_):
+    """Times the steps of the variants that ran ({variant: (row, step)}) with their blocks taken in turn
+    (common.measure_interleaved), so a slow phase of the machine falls on all of them alike."""
+    steps = {variant: step for variant, (row, step) in prepared.items() if step is not None}
+    timings = common.measure_interleaved(steps, args_.min_time, args_.max_time, warmup=args_.warmup)
+    for variant, (seconds, m) in timings.items():
+        row = prepared[variant][0]
+        row["step_s"], row["step_iqr_s"] = seconds, m.iqr
+        row["images_per_s"] = args_.batch / seconds
 
 
 def table_markdown(rows, device):
     headers = ["variant", "mode", "format", "step ms", "images/s", "speed-up", "saved activations MB", "loss"]
     if device.type == "cuda":
-        headers.insert(7, "peak CUDA MB")
+        headers.insert(7, "step peak CUDA MB")
     base = {(r["mode"], r["format"]): r["step_s"] for r in rows if r["variant"] == "torch" and "step_s" in r}
     cells = []
     for r in rows:
@@ -132,7 +145,7 @@ def table_markdown(rows, device):
                 common.fmt(ref / r["step_s"] if ref else None, ".2f") + ("x" if ref else ""),
                 common.fmt(r.get("saved_bytes", float("nan")) / 2**20, ".1f"), f"{r['loss']:.5f}"]
         if device.type == "cuda":
-            cell.insert(7, f"{r['peak_cuda_bytes'] / 2**20:.0f}")
+            cell.insert(7, common.fmt(r.get("peak_cuda_over_start_bytes", float("nan")) / 2**20, ".0f"))
         cells.append(cell)
     return common.markdown_table(headers, cells)
 
@@ -203,13 +216,16 @@ def main(argv=None):
     modes = ["eager"] + (["compile"] if args_.compile else [])
     for mode in modes:
         for fmt in args_.formats:
-            for variant in args_.variants:
-                row = run_variant(variant, mode, fmt, state, args_, device, fastbn)
+            prepared = {variant: prepare_variant(variant, mode, fmt, state, args_, device, fastbn)
+                        for variant in args_.variants}
+            time_variants(prepared, args_)
+            for variant, (row, _) in prepared.items():
                 rows.append(row)
                 print(f"  {variant:<13}{mode:<8}{fmt:<14}" + (f"{row['step_s'] * 1e3:9.1f} ms/step  "
                       f"{row['images_per_s']:7.1f} images/s" if "step_s" in row else "ERROR " + row["error"]),
                       file=sys.stderr, flush=True)
-                torch._dynamo.reset()
+            del prepared
+            torch._dynamo.reset()
 
     slug = common.device_slug(device)
     where = info.get("gpu") or f"{info['cpu']}, {info['threads']} threads"

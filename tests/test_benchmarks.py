@@ -1,5 +1,6 @@
-"""benchmarks/bench_ops.py runs end to end on a tiny case and writes the JSON and markdown it promises, with
-fastbn's outputs checked against torch's. Timings are not asserted: speed lives in the benchmark's own table."""
+"""benchmarks/bench_ops.py and bench_model.py run end to end on tiny cases and write the JSON and markdown they
+promise, with fastbn's outputs checked against torch's. Timings are not asserted: speed lives in the benchmarks'
+own tables."""
 import json
 import subprocess
 import sys
@@ -55,3 +56,17 @@ def test_settled_case_is_timed_once(monkeypatch):
     row = {}
     bench_ops.time_case({"torch": None, "fastbn": None}, None, row)
     assert len(calls) == 1 and "retimed" not in row
+
+
+def test_bench_model_times_every_variant_with_matching_losses(tmp_path):
+    markdown = tmp_path / "model.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), "--device", "cpu", "--quick",
+                    "--min-time", "0.05", "--max-time", "0.5", "--out-dir", str(tmp_path), "--markdown", str(markdown)],
+                   check=True, capture_output=True, cwd=ROOT)
+    rows = json.loads((tmp_path / "model-cpu.json").read_text())["rows"]
+    assert [row["variant"] for row in rows] == ["torch", "fastbn", "fastbn-fused"]
+    for row in rows:
+        assert "error" not in row, row
+        assert row["step_s"] > 0 and row["saved_bytes"] > 0
+        assert abs(row["loss"] - rows[0]["loss"]) < 1e-3
+    assert "| variant | mode |" in markdown.read_text()
