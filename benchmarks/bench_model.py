@@ -17,8 +17,9 @@ other, the same steps on the 2-core VM read 0.84x and 1.22x for fastbn in channe
 memory bandwidth moved. Memory: the bytes autograd saves for backward during one step, counted by
 torch.autograd.graph.saved_tensors_hooks as the sum of the distinct storages' sizes, parameters excluded;
 under autocast that includes the low-precision copies of the weights, alike in every variant. On GPU also
-the peak of torch.cuda.max_memory_allocated during one step over what was allocated when it started. "loss" is the first step's loss, which should agree across
-variants (closely in float32; 16-bit autocast with few values per channel drifts further).
+the peak of torch.cuda.max_memory_allocated during one step over what was allocated when it started.
+"loss" is the first step's loss, which should agree across variants (closely in float32; 16-bit autocast
+with few values per channel drifts further).
 Prints a markdown table and writes benchmarks/results/model-<device>.json (--out-dir to change the folder).
 """
 import argparse
