@@ -454,7 +454,8 @@ def table_markdown(rows):
                       common.fmt(r["torch_s"] * 1e3, ".3f"), common.fmt(r["fastbn_s"] * 1e3, ".3f"),
                       common.fmt(r["speedup"], ".2f") + "x",
                       common.fmt(r.get("compile_s", math.nan) * 1e3, ".3f"),
-                      common.fmt(r.get("speedup_vs_compile"), ".2f", "—") + ("x" if "speedup_vs_compile" in r else ""),
+                      common.fmt(r.get("speedup_vs_compile"), ".2f", "—")
+                      + ("x" if "speedup_vs_compile" in r else ""),
                       common.fmt(r["fastbn_GBps"], ".1f"), common.fmt(r["pct_copy"], ".0f"), check_cell])
     return common.markdown_table(headers, cells)
 

@@ -112,7 +112,8 @@ def test_sync_pieces_vs_cpu(ops):
     mean, var, _ = ops.local_stats(x.cpu())
     invstd = 1 / torch.sqrt(var + 1e-5)
     m, i = mean.to(DEV), invstd.to(DEV)
-    assert_close(ops.normalize(x, m, i, w, b, res, True), ops.normalize(x.cpu(), mean, invstd, w.cpu(), b.cpu(), res.cpu(), True))
+    assert_close(ops.normalize(x, m, i, w, b, res, True),
+                 ops.normalize(x.cpu(), mean, invstd, w.cpu(), b.cpu(), res.cpu(), True))
     sr = ops.backward_reduce(dy, x, m, i, w, b, res, True)
     sc = ops.backward_reduce(dy.cpu(), x.cpu(), mean, invstd, w.cpu(), b.cpu(), res.cpu(), True)
     for a, e in zip(sr, sc):
