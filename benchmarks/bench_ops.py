@@ -147,9 +147,10 @@ def fastbn_bn_add_relu(x, r, w, b, rm, rv):
     return torch.ops.fastbn.forward_train(x, w, b, r, rm, rv, None, MOMENTUM, EPS, True)
 
 
-def fastbn_bwd(dy, x, w, b, r, mean, invstd, relu):
-    mask = [True, True, True, r is not None]
-    return torch.ops.fastbn.backward(dy, x, w, b, r, mean, invstd, True, relu, mask)
+def fastbn_bwd(dy, x, w, b, y, mean, invstd, relu):
+    # y: the forward's output after a residual add (the ReLU mask; the residual gets a gradient), else None.
+    mask = [True, True, True, y is not None]
+    return torch.ops.fastbn.backward(dy, x, w, b, y, mean, invstd, True, relu, mask)
 
 
 class Inputs:
@@ -244,12 +245,12 @@ def residual_args(inp, impl):
 def backward_args(relu, residual):
     def args(inp, impl):
         ys = inp.relu_outputs(residual) if relu else [None] * inp.copies
-        rs = inp.r if residual else [None] * inp.copies
         if impl == "torch":
             return [(node, dy) + ((y,) if relu else ()) for node, dy, y in zip(inp.torch_nodes(), inp.dy, ys)]
         if impl == "fastbn":
-            return [(dy, x, inp.w, inp.b, r, mean, invstd, relu)
-                    for dy, x, r, (mean, invstd) in zip(inp.dy, inp.x, rs, inp.fastbn_stats())]
+            masks = ys if residual else [None] * inp.copies  # without a residual, fastbn recomputes the mask
+            return [(dy, x, inp.w, inp.b, y, mean, invstd, relu)
+                    for dy, x, y, (mean, invstd) in zip(inp.dy, inp.x, masks, inp.fastbn_stats())]
         return [(dy,) + ((y,) if relu else ()) + (x, inp.w, inp.rm, inp.rv, sm, si)
                 for dy, y, x, (sm, si) in zip(inp.dy, ys, inp.x, inp.aten_stats())]
     return args

@@ -77,16 +77,6 @@ void check_params(const Tensor& input,
   }
 }
 
-void check_residual(const Tensor& input, const OptTensor& residual) {
-  if (!residual.has_value() || !residual->defined()) return;
-  const Tensor& r = *residual;
-  check_same_device(input, r);
-  TORCH_CHECK(r.sizes() == input.sizes(), "Expected residual to have the same size as input, but got residual of size ",
-              r.sizes(), " and input of size ", input.sizes());
-  TORCH_CHECK(r.scalar_type() == input.scalar_type(), "expected scalar type ", input.scalar_type(),
-              " but found ", r.scalar_type(), " (residual)");
-}
-
 // mean, invstd and the other per-channel statistics: C elements of the accumulation type.
 void check_stats(const Tensor& input, std::initializer_list<std::pair<const char*, const Tensor*>> stats) {
   const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -106,6 +96,11 @@ void check_same_as_input(const Tensor& input, const Tensor& t, const char* name)
               t.scalar_type(), " (", name, ")");
 }
 
+// residual, and the forward's output handed to the backward ops: optional, shaped and typed like the input.
+void check_same_as_input(const Tensor& input, const OptTensor& t, const char* name) {
+  if (t.has_value() && t->defined()) check_same_as_input(input, *t, name);
+}
+
 }  // namespace
 
 c10::ScalarType param_dtype(const Tensor& input, std::initializer_list<const OptTensor*> params) {
@@ -123,7 +118,7 @@ void check_forward_train(const Tensor& input, const OptTensor& weight, const Opt
                        {"bias", &bias},
                        {"running_mean", &running_mean},
                        {"running_var", &running_var}});
-  check_residual(input, residual);
+  check_same_as_input(input, residual, "residual");
   const bool has_mean = running_mean.has_value() && running_mean->defined();
   const bool has_var = running_var.has_value() && running_var->defined();
   TORCH_CHECK_VALUE(has_mean == has_var, "running_mean and running_var must either both be None or neither be None");
@@ -148,16 +143,16 @@ void check_forward_eval(const Tensor& input, const OptTensor& weight, const OptT
   check_input(input);
   const OptTensor mean(running_mean), var(running_var);
   check_params(input, {{"weight", &weight}, {"bias", &bias}, {"running_mean", &mean}, {"running_var", &var}});
-  check_residual(input, residual);
+  check_same_as_input(input, residual, "residual");
   TORCH_CHECK_VALUE(eps >= 0.0, "batch_norm eps must be non-negative, but got ", py_float(eps));
 }
 
 void check_backward(const Tensor& grad_output, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-                    const OptTensor& residual, const Tensor& mean, const Tensor& invstd) {
+                    const OptTensor& output, const Tensor& mean, const Tensor& invstd) {
   check_input(input);
   check_same_as_input(input, grad_output, "grad_output");
   check_params(input, {{"weight", &weight}, {"bias", &bias}});
-  check_residual(input, residual);
+  check_same_as_input(input, output, "output");
   check_stats(input, {{"mean", &mean}, {"invstd", &invstd}});
 }
 
@@ -167,14 +162,14 @@ void check_normalize(const Tensor& input, const Tensor& mean, const Tensor& invs
                      const OptTensor& bias, const OptTensor& residual) {
   check_input(input);
   check_params(input, {{"weight", &weight}, {"bias", &bias}});
-  check_residual(input, residual);
+  check_same_as_input(input, residual, "residual");
   check_stats(input, {{"mean", &mean}, {"invstd", &invstd}});
 }
 
 void check_backward_elementwise(const Tensor& grad_output, const Tensor& input, const Tensor& mean,
                                 const Tensor& invstd, const OptTensor& weight, const OptTensor& bias,
-                                const OptTensor& residual, const Tensor& mean_dy, const Tensor& mean_dy_xhat) {
-  check_backward(grad_output, input, weight, bias, residual, mean, invstd);
+                                const OptTensor& output, const Tensor& mean_dy, const Tensor& mean_dy_xhat) {
+  check_backward(grad_output, input, weight, bias, output, mean, invstd);
   check_stats(input, {{"mean_dy", &mean_dy}, {"mean_dy_xhat", &mean_dy_xhat}});
 }
 

@@ -17,7 +17,7 @@ void check_forward_eval(const at::Tensor& input, const std::optional<at::Tensor>
                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
                         const at::Tensor& running_mean, const at::Tensor& running_var, double eps);
 void check_backward(const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& output,
                     const at::Tensor& mean, const at::Tensor& invstd);
 void check_local_stats(const at::Tensor& input);
 void check_normalize(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
@@ -25,7 +25,7 @@ void check_normalize(const at::Tensor& input, const at::Tensor& mean, const at::
                      const std::optional<at::Tensor>& residual);
 void check_backward_elementwise(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
                                 const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
-                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& output,
                                 const at::Tensor& mean_dy, const at::Tensor& mean_dy_xhat);
 
 // dtype of weight/bias/running statistics: the first one given, else the input's accumulation type.
@@ -52,10 +52,10 @@ c10::ScalarType param_dtype(const at::Tensor& input, std::initializer_list<const
       return ::fastbn::NS::forward_eval(x, w, b, r, rm, rv, eps, relu);                                    \
     });                                                                                                     \
     LIB.impl("backward", [](const Tensor& dy, const Tensor& x, const OptT& w, const OptT& b,                \
-                            const OptT& r, const Tensor& mean, const Tensor& invstd, bool training,         \
+                            const OptT& y, const Tensor& mean, const Tensor& invstd, bool training,         \
                             bool relu, std::array<bool, 4> mask) {                                          \
-      ::fastbn::check_backward(dy, x, w, b, r, mean, invstd);                                               \
-      return ::fastbn::NS::backward(dy, x, w, b, r, mean, invstd, training, relu, mask);                    \
+      ::fastbn::check_backward(dy, x, w, b, y, mean, invstd);                                               \
+      return ::fastbn::NS::backward(dy, x, w, b, y, mean, invstd, training, relu, mask);                    \
     });                                                                                                     \
     LIB.impl("local_stats", [](const Tensor& x) {                                                           \
       ::fastbn::check_local_stats(x);                                                                       \
@@ -67,15 +67,15 @@ c10::ScalarType param_dtype(const at::Tensor& input, std::initializer_list<const
       return ::fastbn::NS::normalize(x, mean, invstd, w, b, r, relu);                                       \
     });                                                                                                     \
     LIB.impl("backward_reduce", [](const Tensor& dy, const Tensor& x, const Tensor& mean,                   \
-                                   const Tensor& invstd, const OptT& w, const OptT& b, const OptT& r,       \
+                                   const Tensor& invstd, const OptT& w, const OptT& b, const OptT& y,       \
                                    bool relu) {                                                             \
-      ::fastbn::check_backward(dy, x, w, b, r, mean, invstd);                                               \
-      return ::fastbn::NS::backward_reduce(dy, x, mean, invstd, w, b, r, relu);                             \
+      ::fastbn::check_backward(dy, x, w, b, y, mean, invstd);                                               \
+      return ::fastbn::NS::backward_reduce(dy, x, mean, invstd, w, b, y, relu);                             \
     });                                                                                                     \
     LIB.impl("backward_elementwise", [](const Tensor& dy, const Tensor& x, const Tensor& mean,              \
-                                        const Tensor& invstd, const OptT& w, const OptT& b, const OptT& r,  \
+                                        const Tensor& invstd, const OptT& w, const OptT& b, const OptT& y,  \
                                         const Tensor& mean_dy, const Tensor& mean_dy_xhat, bool relu) {     \
-      ::fastbn::check_backward_elementwise(dy, x, mean, invstd, w, b, r, mean_dy, mean_dy_xhat);            \
-      return ::fastbn::NS::backward_elementwise(dy, x, mean, invstd, w, b, r, mean_dy, mean_dy_xhat, relu); \
+      ::fastbn::check_backward_elementwise(dy, x, mean, invstd, w, b, y, mean_dy, mean_dy_xhat);            \
+      return ::fastbn::NS::backward_elementwise(dy, x, mean, invstd, w, b, y, mean_dy, mean_dy_xhat, relu); \
     });                                                                                                     \
   } while (0)

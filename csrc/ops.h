@@ -10,8 +10,10 @@
 //  - normalize: y = (x - mean) * (invstd * weight) + bias [+ residual] [relu]. The mean is subtracted
 //    before scaling, not folded into the shift, so data with a large mean (1e4 + randn) keeps its precision
 //    at the same memory cost.
-//  - relu backward masks dy where the recomputed pre-activation y <= 0 (or is NaN), as torch's
-//    threshold_backward does on relu's output.
+//  - relu backward masks dy where y <= 0 (or is NaN), as torch's threshold_backward does on relu's output: y is
+//    the backward ops' output argument (the forward's output) when given, else the pre-activation recomputed
+//    from the input (no residual in it). A fused residual add is masked through its output, which the next
+//    layer keeps anyway, rather than by keeping the residual for the recomputation.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -39,7 +41,7 @@
      (grad_input, grad_weight, grad_bias, grad_residual); unselected ones: empty, input dtype. */       \
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(                                   \
       const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,   \
-      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,                  \
+      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& output,                    \
       const at::Tensor& mean, const at::Tensor& invstd, bool training, bool relu,                        \
       std::array<bool, 4> output_mask);                                                                  \
   /* SyncBatchNorm pieces. */                                                                            \
@@ -50,11 +52,11 @@
   std::tuple<at::Tensor, at::Tensor> backward_reduce(                                                    \
       const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,                    \
       const at::Tensor& invstd, const std::optional<at::Tensor>& weight,                                 \
-      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, bool relu);      \
+      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& output, bool relu);        \
   at::Tensor backward_elementwise(                                                                       \
       const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,                    \
       const at::Tensor& invstd, const std::optional<at::Tensor>& weight,                                 \
-      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,                  \
+      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& output,                    \
       const at::Tensor& mean_dy, const at::Tensor& mean_dy_xhat, bool relu);
 
 namespace fastbn {

@@ -56,23 +56,26 @@ def _grad_mask(ctx, weight, bias, relu):
     return [needs[0], needs[1] and weight is not None, needs[2] and bias is not None, needs[3] and relu]
 
 
-def _gradients(ctx, grad_output, input, weight, bias, residual, mean, invstd, training, relu):
-    """(grad_input, grad_weight, grad_bias, grad_residual), None where not needed."""
+def _gradients(ctx, grad_output, input, weight, bias, output, mean, invstd, training, relu):
+    """(grad_input, grad_weight, grad_bias, grad_residual), None where not needed.
+
+    output is the forward's output where the ReLU follows a residual add (its mask is output > 0), else None.
+    """
     needs = ctx.needs_input_grad
     if torch.is_grad_enabled():
         # create_graph=True: a composite of torch ops that autograd can differentiate again.
-        return _composite_gradients(needs, grad_output, input, weight, bias, residual, mean, invstd, training,
+        return _composite_gradients(needs, grad_output, input, weight, bias, output, mean, invstd, training,
                                     relu, ctx.eps)
     mask = _grad_mask(ctx, weight, bias, relu)
-    grads = ops.backward(grad_output, input, weight, bias, residual, mean, invstd, training, relu, mask)
+    grads = ops.backward(grad_output, input, weight, bias, output, mean, invstd, training, relu, mask)
     grads = [g if wanted else None for g, wanted in zip(grads, mask)]
     if needs[3] and not relu:
         grads[3] = grad_output
     return grads
 
 
-def _reference_forward(input, weight, bias, residual, mean, invstd, relu, eps):
-    """BN forward in torch ops; batch statistics when mean/invstd are None (training)."""
+def _reference_forward(input, weight, bias, mean, invstd, relu, eps):
+    """BN forward (and ReLU) in torch ops; batch statistics when mean/invstd are None (training)."""
     shape = [1, -1] + [1] * (input.dim() - 2)
     x = input.to(ops.acc_dtype(input))
     if mean is None:
@@ -84,42 +87,53 @@ def _reference_forward(input, weight, bias, residual, mean, invstd, relu, eps):
         y = y * weight.to(y.dtype).view(shape)
     if bias is not None:
         y = y + bias.to(y.dtype).view(shape)
-    if residual is not None:
-        y = y + residual.to(y.dtype)
     if relu:
         y = torch.relu(y)
     return y.to(input.dtype)
 
 
-def _composite_gradients(needs, grad_output, input, weight, bias, residual, mean, invstd, training, relu, eps):
-    """Gradients by autograd through _reference_forward; residual is None here unless relu is set."""
-    inputs = (input, weight, bias, residual)
+def _composite_gradients(needs, grad_output, input, weight, bias, output, mean, invstd, training, relu, eps):
+    """Gradients by autograd through _reference_forward."""
+    if output is not None:
+        # ReLU after a residual add: its gradient is grad_output where the output is > 0 (threshold_backward's
+        # mask, a constant to autograd), which is also the residual's gradient and what BN's backward receives.
+        grad_output = torch.where(output > 0, grad_output, 0)
+        relu = False
+    inputs = (input, weight, bias)
     wanted = [t for t, n in zip(inputs, needs) if n and t is not None]
-    with torch.enable_grad():
-        stats = (None, None) if training else (mean.detach(), invstd.detach())
-        output = _reference_forward(input, weight, bias, residual, *stats, relu, eps)
-        found = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True, allow_unused=True))
+    found = iter(())
+    if wanted:
+        with torch.enable_grad():
+            stats = (None, None) if training else (mean.detach(), invstd.detach())
+            y = _reference_forward(input, weight, bias, *stats, relu, eps)
+            found = iter(torch.autograd.grad(y, wanted, grad_output, create_graph=True, allow_unused=True))
     grads = [next(found) if n and t is not None else None for t, n in zip(inputs, needs)]
-    if needs[3] and not relu:
-        grads[3] = grad_output
-    return grads
+    return grads + [grad_output if needs[3] else None]
 
 
 # One forward-context setup and one backward per op, used by the autograd.Function classes below. Those
 # classes are also registered as the ops' Autograd kernels, so torch.ops.fastbn.forward_train/forward_eval
 # are differentiable when called directly, and batch_norm() simply calls the ops.
 
+def _mask_output(residual, output, relu):
+    """What the backward masks the ReLU with: the output after a residual add, None where the kernels recompute it.
+
+    Keeping the output costs no memory the next layer does not keep anyway (and matches torch's relu, which saves
+    its result); keeping the residual instead would hold a tensor nothing else may need (a downsample branch's).
+    """
+    return output if relu and residual is not None else None
+
+
 def _setup_train(ctx, inputs, output):
     input, weight, bias, residual, _, _, _, _, eps, relu = inputs
-    _, mean, invstd = output
-    # The residual is needed only to recompute the ReLU mask.
-    ctx.save_for_backward(input, weight, bias, residual if relu else None, mean, invstd)
+    y, mean, invstd = output
+    ctx.save_for_backward(input, weight, bias, _mask_output(residual, y, relu), mean, invstd)
     ctx.relu, ctx.eps = relu, eps
 
 
 def _backward_train(ctx, grad_output, *_stats_grads):
-    input, weight, bias, residual, mean, invstd = ctx.saved_tensors
-    grads = _gradients(ctx, grad_output, input, weight, bias, residual, mean, invstd, True, ctx.relu)
+    input, weight, bias, output, mean, invstd = ctx.saved_tensors
+    grads = _gradients(ctx, grad_output, input, weight, bias, output, mean, invstd, True, ctx.relu)
     return (*grads, None, None, None, None, None, None)
 
 
@@ -134,13 +148,13 @@ def _setup_eval(ctx, inputs, output):
         # sqrt then reciprocal, both correctly rounded, as the kernels compute it: the backward's
         # recomputed ReLU mask must match the forward's bit for bit (rsqrt may be approximate on GPUs).
         invstd = torch.sqrt(running_var.detach().to(acc) + eps).reciprocal()
-    ctx.save_for_backward(input, weight, bias, residual if relu else None, mean, invstd)
+    ctx.save_for_backward(input, weight, bias, _mask_output(residual, output, relu), mean, invstd)
     ctx.relu, ctx.eps = relu, eps
 
 
 def _backward_eval(ctx, grad_output):
-    input, weight, bias, residual, mean, invstd = ctx.saved_tensors
-    grads = _gradients(ctx, grad_output, input, weight, bias, residual, mean, invstd, False, ctx.relu)
+    input, weight, bias, output, mean, invstd = ctx.saved_tensors
+    grads = _gradients(ctx, grad_output, input, weight, bias, output, mean, invstd, False, ctx.relu)
     return (*grads, None, None, None, None)
 
 

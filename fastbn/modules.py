@@ -76,7 +76,11 @@ class BatchNormReLU3d(BatchNorm3d):
 
 
 class BatchNormAddReLU2d(BatchNorm2d):
-    """relu(BatchNorm2d(x) + residual) in one pass: the tail of a ResNet block."""
+    """relu(BatchNorm2d(x) + residual) in one pass: the tail of a ResNet block.
+
+    Like torch's ReLU, it keeps its output for the ReLU mask of the backward (not the residual), so changing the
+    output in place before the backward is an error, as it is after ``torch.relu``.
+    """
 
     _activation = "relu"
 

@@ -344,3 +344,34 @@ def test_no_grad_and_inference_mode():
         assert_close(bn(x, running_mean, running_var, weight.requires_grad_(), bias, False), expected)
     with torch.inference_mode():
         assert_close(bn(x, running_mean, running_var, weight, bias, False), expected)
+
+
+@pytest.mark.parametrize("use_residual,relu", EPILOGUES)
+@pytest.mark.parametrize("training", TRAINING)
+def test_saves_no_tensor_torch_would_not(training, use_residual, relu):
+    """Activations saved for backward: the input, and the output only where torch's ReLU would save it (after a
+    residual add; after BN alone the mask is recomputed from the input). Never the residual."""
+    x = leaf(make_input((3, 4, 5, 5)))
+    weight, bias, running_mean, running_var = make_params(4)
+    weight, bias = leaf(weight), leaf(bias)
+    residual = leaf(make_like(x)) if use_residual else None
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = bn(x, running_mean, running_var, weight, bias, training, residual=residual,
+               activation="relu" if relu else None)
+    big = {t.data_ptr() for t in saved if t.shape == x.shape}
+    expected = {x.data_ptr()} | ({y.data_ptr()} if use_residual and relu else set())
+    assert big == expected
+    y.backward(torch.ones_like(y))
+    if use_residual:
+        assert torch.equal(residual.grad, (y > 0).to(y.dtype) if relu else torch.ones_like(y))
+
+
+def test_output_changed_in_place_fails_the_backward_like_torch_relu():
+    x = leaf(make_input((3, 4, 5, 5)))
+    residual = make_like(x)
+    _, _, running_mean, running_var = make_params(4)
+    y = bn(x, running_mean, running_var, None, None, True, residual=residual, activation="relu")
+    y.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

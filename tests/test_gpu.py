@@ -97,8 +97,9 @@ def test_fused_residual_relu_vs_cpu(ops, path, fmt, dtype):
     for a, e in zip(got, want):
         assert_close(a, e, dtype=a.dtype if a.dim() <= 1 else dtype)
     mask = [True, True, True, True]
-    g = ops.backward(dy, x, w, b, res, want[1].to(DEV), want[2].to(DEV), True, True, mask)
-    gc = ops.backward(dy.cpu(), x.cpu(), w.cpu(), b.cpu(), res.cpu(), want[1], want[2], True, True, mask)
+    # The ReLU mask of a residual add comes from the forward's output: the same one on both devices.
+    g = ops.backward(dy, x, w, b, want[0].to(DEV), want[1].to(DEV), want[2].to(DEV), True, True, mask)
+    gc = ops.backward(dy.cpu(), x.cpu(), w.cpu(), b.cpu(), want[0], want[1], want[2], True, True, mask)
     for a, e in zip(g, gc):
         assert_close(a, e, dtype=a.dtype if a.dim() <= 1 else dtype)
 
@@ -112,16 +113,16 @@ def test_sync_pieces_vs_cpu(ops):
     mean, var, _ = ops.local_stats(x.cpu())
     invstd = 1 / torch.sqrt(var + 1e-5)
     m, i = mean.to(DEV), invstd.to(DEV)
-    assert_close(ops.normalize(x, m, i, w, b, res, True),
-                 ops.normalize(x.cpu(), mean, invstd, w.cpu(), b.cpu(), res.cpu(), True))
-    sr = ops.backward_reduce(dy, x, m, i, w, b, res, True)
-    sc = ops.backward_reduce(dy.cpu(), x.cpu(), mean, invstd, w.cpu(), b.cpu(), res.cpu(), True)
+    y = ops.normalize(x.cpu(), mean, invstd, w.cpu(), b.cpu(), res.cpu(), True)
+    assert_close(ops.normalize(x, m, i, w, b, res, True), y)
+    sr = ops.backward_reduce(dy, x, m, i, w, b, y.to(DEV), True)
+    sc = ops.backward_reduce(dy.cpu(), x.cpu(), mean, invstd, w.cpu(), b.cpu(), y, True)
     for a, e in zip(sr, sc):
         assert_close(a, e, dtype=torch.float16, scale=a.abs().max().expand_as(a))
     n = x.numel() // x.shape[1]
-    assert_close(ops.backward_elementwise(dy, x, m, i, w, b, res, sc[0].to(DEV) / n, sc[1].to(DEV) / n, True),
-                 ops.backward_elementwise(dy.cpu(), x.cpu(), mean, invstd, w.cpu(), b.cpu(), res.cpu(), sc[0] / n,
-                                          sc[1] / n, True))
+    assert_close(ops.backward_elementwise(dy, x, m, i, w, b, y.to(DEV), sc[0].to(DEV) / n, sc[1].to(DEV) / n, True),
+                 ops.backward_elementwise(dy.cpu(), x.cpu(), mean, invstd, w.cpu(), b.cpu(), y, sc[0] / n, sc[1] / n,
+                                          True))
 
 
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])

@@ -78,9 +78,10 @@ MASKS = {
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_backward(layout, training, mask):
-    x, weight, bias, r, _, _, mean, invstd = _tensors(layout)
+    # With an output argument: the ReLU mask of a residual add (its values do not matter here).
+    x, weight, bias, output, _, _, mean, invstd = _tensors(layout, residual=True)
     dy = make_like(x)
-    _opcheck(ops.backward.default, (dy, x, weight, bias, r, mean, invstd, training, True, MASKS[mask]))
+    _opcheck(ops.backward.default, (dy, x, weight, bias, output, mean, invstd, training, True, MASKS[mask]))
 
 
 def test_backward_without_affine():
@@ -101,6 +102,7 @@ def test_sync_pieces(layout, relu):
     x, weight, bias, r, _, _, mean, invstd = _tensors(layout, residual=relu)
     dy = make_like(x)
     _opcheck(ops.normalize.default, (x, mean, invstd, weight, bias, r, relu))
-    _opcheck(ops.backward_reduce.default, (dy, x, mean, invstd, weight, bias, r, relu))
+    y = ops.normalize(x, mean, invstd, weight, bias, r, relu) if relu else None  # the backward's ReLU mask
+    _opcheck(ops.backward_reduce.default, (dy, x, mean, invstd, weight, bias, y, relu))
     mean_dy, mean_dy_xhat = torch.randn_like(mean), torch.randn_like(mean)
-    _opcheck(ops.backward_elementwise.default, (dy, x, mean, invstd, weight, bias, r, mean_dy, mean_dy_xhat, relu))
+    _opcheck(ops.backward_elementwise.default, (dy, x, mean, invstd, weight, bias, y, mean_dy, mean_dy_xhat, relu))

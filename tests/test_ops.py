@@ -39,28 +39,54 @@ def test_forward_train_saves_batch_mean_and_invstd(dtype, param_dtype, fmt):
     assert_close(save_invstd, (var + EPS).rsqrt(), msg="save_invstd")
 
 
-@pytest.mark.parametrize("relu", [False, True], ids=["add", "add-relu"])
+# (residual, relu) of the forward, and where the backward's ReLU mask comes from: "add" has none, "relu" recomputes
+# the pre-activation from the input, "add-relu" reads the forward's output (the output argument).
+EPILOGUES = [pytest.param(True, False, id="add"), pytest.param(False, True, id="relu"),
+             pytest.param(True, True, id="add-relu")]
+
+
+def _epilogue(x, mean, invstd, weight, bias, has_residual, relu):
+    """(residual, output argument of the backward ops) for an epilogue; the output is the forward's."""
+    residual = make_like(x) if has_residual else None
+    if not (has_residual and relu):
+        return residual, None
+    return residual, ops.normalize(x, mean, invstd, weight, bias, residual, True)
+
+
+@pytest.mark.parametrize("has_residual,relu", EPILOGUES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype,param_dtype,fmt", LAYOUTS)
-def test_backward_op(dtype, param_dtype, fmt, training, relu):
+def test_backward_op(dtype, param_dtype, fmt, training, has_residual, relu):
     x = make_input(SHAPE, dtype, fmt)
     weight, bias, running_mean, running_var = make_params(SHAPE[1], param_dtype)
-    residual, dy = make_like(x), make_like(x)
     if training:
         mean, var = _batch_stats(x)
     else:
         mean, var = running_mean.double(), running_var.double()
-    invstd = (var + EPS).rsqrt()
     acc = _acc(dtype)
-    grads = ops.backward(dy, x, weight, bias, residual, mean.to(acc), invstd.to(acc), training, relu,
-                         [True, True, True, True])
+    mean, invstd = mean.to(acc), (var + EPS).rsqrt().to(acc)
+    residual, output = _epilogue(x, mean, invstd, weight, bias, has_residual, relu)
+    dy = make_like(x)
+    grads = ops.backward(dy, x, weight, bias, output, mean, invstd, training, relu, [True, True, True, True])
     ref = reference_with_grads(x, running_mean, running_var, weight, bias, training, 0.1, EPS, dy, residual, relu)
     assert_grads_close(dict(zip(("input", "weight", "bias", "residual"), grads)), ref)
     # output_mask: unselected outputs are empty, selected ones unchanged
-    partial = ops.backward(dy, x, weight, bias, residual, mean.to(acc), invstd.to(acc), training, relu,
-                           [False, True, False, False])
+    partial = ops.backward(dy, x, weight, bias, output, mean, invstd, training, relu, [False, True, False, False])
     assert partial[0].numel() == 0 and partial[2].numel() == 0 and partial[3].numel() == 0
     assert_close(partial[1], ref.grads["weight"], scale=ref.scales["weight"], msg="grad weight alone")
+
+
+def test_backward_masks_relu_by_the_output_when_given():
+    """With relu, a given output decides the mask (output > 0) whatever the input says."""
+    x = make_input(SHAPE, torch.float32, "contiguous")
+    mean, invstd = torch.zeros(SHAPE[1]), torch.ones(SHAPE[1])
+    dy = make_like(x)
+    output = torch.randn_like(x)
+    got = ops.backward(dy, x, None, None, output, mean, invstd, False, True, [True, False, False, True])
+    assert torch.equal(got[3], torch.where(output > 0, dy, 0))
+    assert torch.equal(got[0], got[3])  # eval, unit scale: dx = g
+    recomputed = ops.backward(dy, x, None, None, None, mean, invstd, False, True, [True, False, False, False])
+    assert torch.equal(recomputed[0], torch.where(x > 0, dy, 0))
 
 
 @pytest.mark.parametrize("dtype,param_dtype,fmt", LAYOUTS)
@@ -74,18 +100,20 @@ def test_local_stats(dtype, param_dtype, fmt):
     assert_close(var, ref_var, msg="var (biased, as used to normalize)")
 
 
-@pytest.mark.parametrize("relu", [False, True], ids=["add", "add-relu"])
+@pytest.mark.parametrize("has_residual,relu", EPILOGUES)
 @pytest.mark.parametrize("dtype,param_dtype,fmt", LAYOUTS)
-def test_sync_pieces_compose_to_the_reference(dtype, param_dtype, fmt, relu):
+def test_sync_pieces_compose_to_the_reference(dtype, param_dtype, fmt, has_residual, relu):
     """local_stats -> normalize -> backward_reduce -> backward_elementwise, as a one-process SyncBatchNorm."""
     x = make_input(SHAPE, dtype, fmt)
     weight, bias, running_mean, running_var = make_params(SHAPE[1], param_dtype)
-    residual, dy = make_like(x), make_like(x)
     mean, var, count = ops.local_stats(x)
     invstd = torch.rsqrt(var + EPS)
+    residual = make_like(x) if has_residual else None
+    dy = make_like(x)
     y = ops.normalize(x, mean, invstd, weight, bias, residual, relu)
-    sum_dy, sum_dy_xhat = ops.backward_reduce(dy, x, mean, invstd, weight, bias, residual, relu)
-    dx = ops.backward_elementwise(dy, x, mean, invstd, weight, bias, residual, sum_dy / count, sum_dy_xhat / count,
+    output = y if has_residual and relu else None
+    sum_dy, sum_dy_xhat = ops.backward_reduce(dy, x, mean, invstd, weight, bias, output, relu)
+    dx = ops.backward_elementwise(dy, x, mean, invstd, weight, bias, output, sum_dy / count, sum_dy_xhat / count,
                                   relu)
     ref = reference_with_grads(x, running_mean, running_var, weight, bias, True, 0.1, EPS, dy, residual, relu)
     assert y.stride() == torch.empty_like(x).stride() and dx.stride() == torch.empty_like(x).stride()

@@ -151,7 +151,7 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& input,
                                                     const OptTensor& weight, const OptTensor& bias,
-                                                    const OptTensor& residual, const Tensor& mean,
+                                                    const OptTensor& output, const Tensor& mean,
                                                     const Tensor& invstd, bool training, bool relu,
                                                     std::array<bool, 4> output_mask) {
   const int64_t C = input.size(1);
@@ -169,25 +169,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
     if (numel > 0) {
       const auto mu = channel_values<acc_t>(mean);
       const auto k = coefficients<param_t>(inv.data(), weight, bias, C);
-      const Tensor* res = relu && defined(residual) ? &*residual : nullptr;
+      const Tensor* y = relu && defined(output) ? &*output : nullptr;
       const Tensor* dx_p = need_dx ? &dx : nullptr;
       const Tensor* dr_p = need_dr ? &dr : nullptr;
-      const Geometry ge = classify(input, {&grad_output, res, dx_p, dr_p});
-      const FusedBlocks blocks(ge, static_cast<int64_t>(input.element_size()) * (res != nullptr ? 3 : 2));
+      const Geometry ge = classify(input, {&grad_output, y, dx_p, dr_p});
+      const FusedBlocks blocks(ge, static_cast<int64_t>(input.element_size()) * (y != nullptr ? 3 : 2));
       const auto& kernels = kernels_for<scalar_t>(ge);
       const bool fused = training && need_dx && blocks.fits() && kernels.backward_fused != nullptr;
       if (fused) {
         kernels.backward_fused({blocks,
-                                {ge, &grad_output, &input, res, mu.data(), k.scale.data(), k.shift.data(), relu,
+                                {ge, &grad_output, &input, y, mu.data(), k.scale.data(), k.shift.data(), relu,
                                  sum_g.data(), sum_gxmu.data()},
-                                {ge, &grad_output, &input, res, mu.data(), k.scale.data(), k.shift.data(), relu,
+                                {ge, &grad_output, &input, y, mu.data(), k.scale.data(), k.shift.data(), relu,
                                  k.scale.data(), nullptr, nullptr, true, dx_p, dr_p},
                                 inv.data()});
       }
       if (!fused && (need_dw || need_db || (need_dx && training))) {
-        const Geometry g = classify(input, {&grad_output, res});
+        const Geometry g = classify(input, {&grad_output, y});
         kernels_for<scalar_t>(g).backward_reduce(
-            {g, &grad_output, &input, res, mu.data(), k.scale.data(), k.shift.data(), relu, sum_g.data(),
+            {g, &grad_output, &input, y, mu.data(), k.scale.data(), k.shift.data(), relu, sum_g.data(),
              sum_gxmu.data()});
       }
       if (!fused && (need_dx || need_dr)) {
@@ -196,7 +196,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
         for (int64_t c = 0; c < C && training; ++c) {
           train_dx_coefficients(k.scale[c], inv[c], sum_g[c], sum_gxmu[c], m, p[c], q[c]);
         }
-        kernels.backward_elementwise({ge, &grad_output, &input, res, mu.data(), k.scale.data(), k.shift.data(), relu,
+        kernels.backward_elementwise({ge, &grad_output, &input, y, mu.data(), k.scale.data(), k.shift.data(), relu,
                                       k.scale.data(), p.data(), q.data(), training, dx_p, dr_p});
       }
     }
@@ -253,7 +253,7 @@ Tensor normalize(const Tensor& input, const Tensor& mean, const Tensor& invstd, 
 
 std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_output, const Tensor& input, const Tensor& mean,
                                            const Tensor& invstd, const OptTensor& weight, const OptTensor& bias,
-                                           const OptTensor& residual, bool relu) {
+                                           const OptTensor& output, bool relu) {
   const int64_t C = input.size(1);
   const auto acc = acc_dtype(input);
   Tensor sum_dy = empty_channels(input, acc);
@@ -268,17 +268,17 @@ std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_output, const Tens
     const auto mu = channel_values<acc_t>(mean);
     const auto inv = channel_values<acc_t>(invstd);
     const auto k = coefficients<param_t>(inv.data(), weight, bias, C);
-    const Tensor* res = relu && defined(residual) ? &*residual : nullptr;
-    const Geometry g = classify(input, {&grad_output, res});
+    const Tensor* y = relu && defined(output) ? &*output : nullptr;
+    const Geometry g = classify(input, {&grad_output, y});
     kernels_for<scalar_t>(g).backward_reduce(
-        {g, &grad_output, &input, res, mu.data(), k.scale.data(), k.shift.data(), relu, sg, sgx});
+        {g, &grad_output, &input, y, mu.data(), k.scale.data(), k.shift.data(), relu, sg, sgx});
     for (int64_t c = 0; c < C; ++c) sgx[c] *= inv[c];  // Σg·x̂ = invstd·Σg·(x - mean)
   });
   return {sum_dy, sum_dy_xhat};
 }
 
 Tensor backward_elementwise(const Tensor& grad_output, const Tensor& input, const Tensor& mean, const Tensor& invstd,
-                            const OptTensor& weight, const OptTensor& bias, const OptTensor& residual,
+                            const OptTensor& weight, const OptTensor& bias, const OptTensor& output,
                             const Tensor& mean_dy, const Tensor& mean_dy_xhat, bool relu) {
   const int64_t C = input.size(1);
   Tensor dx = at::empty_like(input);
@@ -296,9 +296,9 @@ Tensor backward_elementwise(const Tensor& grad_output, const Tensor& input, cons
       p[c] = -k.scale[c] * inv[c] * mdyx[c];
       q[c] = -k.scale[c] * mdy[c];
     }
-    const Tensor* res = relu && defined(residual) ? &*residual : nullptr;
-    const Geometry g = classify(input, {&grad_output, res, &dx});
-    kernels_for<scalar_t>(g).backward_elementwise({g, &grad_output, &input, res, mu.data(), k.scale.data(),
+    const Tensor* y = relu && defined(output) ? &*output : nullptr;
+    const Geometry g = classify(input, {&grad_output, y, &dx});
+    kernels_for<scalar_t>(g).backward_elementwise({g, &grad_output, &input, y, mu.data(), k.scale.data(),
                                                    k.shift.data(), relu, k.scale.data(), p.data(), q.data(), true,
                                                    &dx, nullptr});
   });

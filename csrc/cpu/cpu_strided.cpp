@@ -1,7 +1,7 @@
 // The general strided path: any input strides (a transposed or sliced view), and any mix of layouts between
-// input, grad_output, residual and the outputs. Each operand is addressed through its own strides, so nothing
-// is copied; the inner loops are scalar, which is the price of generality (this path is the fallback, not the
-// target of the performance work).
+// the input and the other tensor operands (grad_output, residual, the forward's output, the gradients). Each
+// operand is addressed through its own strides, so nothing is copied; the inner loops are scalar, which is the
+// price of generality (this path is the fallback, not the target of the performance work).
 //
 // Passes over memory are the same as the vectorised kernels' (kernels_impl.h): stats 1E, normalize 2E,
 // backward_reduce 2E, backward_elementwise 3E. Work items are (channel, run of kChunk consecutive values of that
@@ -149,23 +149,22 @@ void normalize(const NormalizeArgs<scalar_t>& a) {
   });
 }
 
-// g: dy masked where relu and the recomputed pre-activation is not > 0 (same arithmetic as normalize).
+// g: dy masked where relu and the forward's output y (when given) or else the pre-activation recomputed with
+// normalize's arithmetic is not > 0.
 template <typename acc_t>
-inline acc_t masked_grad(acc_t dy, acc_t xmu, acc_t scale, acc_t shift, bool relu, bool has_res, acc_t res) {
+inline acc_t masked_grad(acc_t dy, acc_t xmu, acc_t scale, acc_t shift, bool relu, bool has_y, acc_t y) {
   if (!relu) return dy;
-  acc_t pre = pre_activation(xmu, scale, shift);
-  if (has_res) pre = pre + res;
-  return pre > acc_t(0) ? dy : acc_t(0);
+  return (has_y ? y : pre_activation(xmu, scale, shift)) > acc_t(0) ? dy : acc_t(0);
 }
 
 template <typename scalar_t>
 void backward_reduce(const ReduceArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
-  const bool has_res = a.relu && a.residual != nullptr;
-  const Walker<3> w({a.x, a.dy, has_res ? a.residual : a.x});
+  const bool has_y = a.relu && a.output != nullptr;
+  const Walker<3> w({a.x, a.dy, has_y ? a.output : a.x});
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
   const scalar_t* dy = a.dy->template data_ptr<scalar_t>();
-  const scalar_t* res = has_res ? a.residual->template data_ptr<scalar_t>() : nullptr;
+  const scalar_t* y = has_y ? a.output->template data_ptr<scalar_t>() : nullptr;
   const int64_t C = a.x->size(1), m = w.count(), chunks = div_up(m, kChunk);
   std::vector<acc_t> part_g(C * chunks), part_gx(C * chunks);
   for_chunks(C, m, [&](int64_t c, int64_t begin, int64_t end, int64_t item) {
@@ -174,7 +173,7 @@ void backward_reduce(const ReduceArgs<scalar_t>& a) {
     w.walk(c, begin, end, [&](const int64_t* off) {
       const acc_t xmu = acc_t(x[off[0]]) - mean;
       const acc_t g =
-          masked_grad(acc_t(dy[off[1]]), xmu, scale, shift, a.relu, has_res, has_res ? acc_t(res[off[2]]) : acc_t(0));
+          masked_grad(acc_t(dy[off[1]]), xmu, scale, shift, a.relu, has_y, has_y ? acc_t(y[off[2]]) : acc_t(0));
       sg += g;
       sgx += g * xmu;
     });
@@ -195,12 +194,12 @@ void backward_reduce(const ReduceArgs<scalar_t>& a) {
 template <typename scalar_t>
 void backward_elementwise(const ElementwiseArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
-  const bool has_res = a.relu && a.residual != nullptr;
-  const bool need_x = a.use_x || a.relu;
-  const Walker<5> w({a.x, a.dy, has_res ? a.residual : a.x, a.dx ? a.dx : a.x, a.g_out ? a.g_out : a.x});
+  const bool has_y = a.relu && a.output != nullptr;
+  const bool need_x = a.use_x || (a.relu && !has_y);
+  const Walker<5> w({a.x, a.dy, has_y ? a.output : a.x, a.dx ? a.dx : a.x, a.g_out ? a.g_out : a.x});
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
   const scalar_t* dy = a.dy->template data_ptr<scalar_t>();
-  const scalar_t* res = has_res ? a.residual->template data_ptr<scalar_t>() : nullptr;
+  const scalar_t* y = has_y ? a.output->template data_ptr<scalar_t>() : nullptr;
   scalar_t* dx = a.dx ? a.dx->template data_ptr<scalar_t>() : nullptr;
   scalar_t* gout = a.g_out ? a.g_out->template data_ptr<scalar_t>() : nullptr;
   for_chunks(a.x->size(1), w.count(), [&](int64_t c, int64_t begin, int64_t end, int64_t) {
@@ -209,7 +208,7 @@ void backward_elementwise(const ElementwiseArgs<scalar_t>& a) {
     w.walk(c, begin, end, [&](const int64_t* off) {
       const acc_t xmu = need_x ? acc_t(x[off[0]]) - mean : acc_t(0);
       const acc_t g =
-          masked_grad(acc_t(dy[off[1]]), xmu, scale, shift, a.relu, has_res, has_res ? acc_t(res[off[2]]) : acc_t(0));
+          masked_grad(acc_t(dy[off[1]]), xmu, scale, shift, a.relu, has_y, has_y ? acc_t(y[off[2]]) : acc_t(0));
       if (dx) dx[off[3]] = scalar_t(a.use_x ? (xmu * p + g * k) + q : g * k);
       if (gout) gout[off[4]] = scalar_t(g);
     });

@@ -41,15 +41,15 @@ struct NormalizeArgs {
   bool relu;
 };
 
-// g = dy, zeroed where relu and the recomputed pre-activation is not > 0.
-// sum_g[c] = Σ g, sum_gxmu[c] = Σ g·(x - mean).
+// g = dy, zeroed with relu where the forward's output (when given) or else the pre-activation recomputed from x is
+// not > 0. sum_g[c] = Σ g, sum_gxmu[c] = Σ g·(x - mean).
 template <typename scalar_t>
 struct ReduceArgs {
   using acc_t = at::opmath_type<scalar_t>;
   Geometry geom;
   const at::Tensor* dy;
   const at::Tensor* x;
-  const at::Tensor* residual;  // nullable; read only for the ReLU mask
+  const at::Tensor* output;  // nullable; the forward's output, read only for the ReLU mask
   const acc_t* mean;
   const acc_t* scale;
   const acc_t* shift;
@@ -65,7 +65,7 @@ struct ElementwiseArgs {
   Geometry geom;
   const at::Tensor* dy;
   const at::Tensor* x;
-  const at::Tensor* residual;  // nullable
+  const at::Tensor* output;  // nullable; as in ReduceArgs
   const acc_t* mean;
   const acc_t* scale;
   const acc_t* shift;

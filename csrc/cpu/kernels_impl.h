@@ -9,7 +9,8 @@
 //   normalize             1E read + 1E write (+1E read of the residual).
 //   forward_fused         training forward on kPlanes: 1E read + 1E write, per block of whole channels (FusedBlocks)
 //                         whose statistics are computed and which is then normalized from L2 by one thread.
-//   backward_reduce       2E read (x, dy) (+1E residual when the ReLU mask needs it), on the same tiles.
+//   backward_reduce       2E read (x, dy) (+1E of the forward's output when the ReLU mask is read from it), on the
+//                         same tiles.
 //   backward_elementwise  2E read + 1E write (dy only when eval without ReLU: 1E + 1E; +1E for g_out).
 //   backward_fused        training backward on kPlanes: 2E read + 1E write, per block of whole channels
 //                         (FusedBlocks, kernels.h) reduced and then differentiated from cache, by one thread
@@ -727,50 +728,55 @@ void forward_fused(const FusedForwardArgs<scalar_t>& a) {
 // ---------------------------------------------------------------------------------------------------------
 // Backward reduction: g (masked dy) and g·(x - mean), per channel, on the same tiles as the statistics;
 // per-position acc_t sums, per-tile partials in double, summed over the tiles in a fixed order.
-template <typename T, bool kResidual, bool kRelu>
-inline T masked(T dy, T xmu, T scale, T shift, T res) {
+//
+// The ReLU mask (kRelu): with kOutputMask, the forward's output y is read and g = dy where y > 0, as torch's
+// threshold_backward does (a fused residual add is masked so: the output costs no memory the next layer does not
+// keep anyway, the residual would); without it, the pre-activation is recomputed from x (no extra read).
+template <bool kOutputMask, bool kRelu>
+constexpr bool kRecomputeMask = kRelu && !kOutputMask;
+
+template <typename T, bool kOutputMask, bool kRelu>
+inline T masked(T dy, T xmu, T scale, T shift, T y) {
   if constexpr (kRelu) {
-    T pre = pre_activation(xmu, scale, shift);
-    if constexpr (kResidual) pre = pre + res;
     const T zero(static_cast<typename T::value_type>(0));
-    return T::blendv(zero, dy, pre > zero);
+    return T::blendv(zero, dy, (kOutputMask ? y : pre_activation(xmu, scale, shift)) > zero);
   } else {
     return dy;
   }
 }
-template <typename T, bool kResidual, bool kRelu>
-inline T masked_scalar(T dy, T xmu, T scale, T shift, T res) {
+template <typename T, bool kOutputMask, bool kRelu>
+inline T masked_scalar(T dy, T xmu, T scale, T shift, T y) {
   if constexpr (kRelu) {
-    T pre = pre_activation(xmu, scale, shift);
-    if constexpr (kResidual) pre = pre + res;
-    return pre > T(0) ? dy : T(0);
+    return (kOutputMask ? y : pre_activation(xmu, scale, shift)) > T(0) ? dy : T(0);
   } else {
     return dy;
   }
 }
 
-// Per-tile buffers of the backward reduction: mean (and scale, shift for the mask) expanded per position, and
-// the two per-position sums.
-template <typename acc_t, bool kRelu>
+// Per-tile buffers of the backward reduction: mean (and scale, shift for a recomputed mask) expanded per position,
+// and the two per-position sums.
+template <typename acc_t, bool kRecompute>
 struct ReduceBuffers {
   std::vector<acc_t> coef, sum_g, sum_gx;
-  explicit ReduceBuffers(int64_t max_L) : coef((kRelu ? 3 : 1) * max_L), sum_g(max_L), sum_gx(max_L) {}
+  explicit ReduceBuffers(int64_t max_L) : coef((kRecompute ? 3 : 1) * max_L), sum_g(max_L), sum_gx(max_L) {}
 };
 
 // One vector of positions into the sums: g = masked dy, sg += g, sgx += g·(x - mean).
-template <typename Vec, bool kResidual, bool kRelu>
-inline void add_g(const Vec& d, const Vec& v, const Vec& r, const Vec& mean, const Vec& scale, const Vec& shift,
+template <typename Vec, bool kOutputMask, bool kRelu>
+inline void add_g(const Vec& d, const Vec& v, const Vec& y, const Vec& mean, const Vec& scale, const Vec& shift,
                   Vec& sg, Vec& sgx) {
   const Vec xmu = v - mean;
-  const Vec g = masked<Vec, kResidual, kRelu>(d, xmu, scale, shift, r);
+  const Vec g = masked<Vec, kOutputMask, kRelu>(d, xmu, scale, shift, y);
   sg = sg + g;
   sgx = at::vec::fmadd(g, xmu, sgx);
 }
 
 // Sums g and g·(x - mean) of one tile per channel: out_g[j], out_gx[j] for channel t.c0 + j.
-template <typename scalar_t, bool kResidual, bool kRelu>
+template <typename scalar_t, bool kOutputMask, bool kRelu>
 void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
-                          ReduceBuffers<at::opmath_type<scalar_t>, kRelu>& buf, double* out_g, double* out_gx) {
+                          ReduceBuffers<at::opmath_type<scalar_t>, kRecomputeMask<kOutputMask, kRelu>>& buf,
+                          double* out_g, double* out_gx) {
+  constexpr bool kRecompute = kRecomputeMask<kOutputMask, kRelu>;
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
@@ -778,17 +784,17 @@ void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
   constexpr int64_t V = IO::kVec, W = IO::kWidth;
   const scalar_t* dy = a.dy->template data_ptr<scalar_t>();
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
-  const scalar_t* res = kResidual ? a.residual->template data_ptr<scalar_t>() : nullptr;
+  const scalar_t* y = kOutputMask ? a.output->template data_ptr<scalar_t>() : nullptr;
   const Vec zero(acc_t(0));
   // The W positions at element o into sg, sgx, given the positions' mean, scale and shift.
   const auto add = [&](int64_t o, const Vec* mean, const Vec* scale, const Vec* shift, Vec* sg, Vec* sgx) {
-    Vec d[P], v[P], r[P];
+    Vec d[P], v[P], yv[P];
     IO::load(dy + o, d);
     IO::load(x + o, v);
-    if constexpr (kResidual) IO::load(res + o, r);
+    if constexpr (kOutputMask) IO::load(y + o, yv);
     for (int q = 0; q < P; ++q) {
-      add_g<Vec, kResidual, kRelu>(d[q], v[q], kResidual ? r[q] : zero, mean[q], kRelu ? scale[q] : zero,
-                                   kRelu ? shift[q] : zero, sg[q], sgx[q]);
+      add_g<Vec, kOutputMask, kRelu>(d[q], v[q], kOutputMask ? yv[q] : zero, mean[q], kRecompute ? scale[q] : zero,
+                                     kRecompute ? shift[q] : zero, sg[q], sgx[q]);
     }
   };
   const int64_t L = t.L();
@@ -798,36 +804,36 @@ void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
     one_channel_sums<scalar_t>(
         t,
         [&](int64_t o, Vec& sg, Vec& sgx) {
-          Vec d[P], v[P], r[P];
+          Vec d[P], v[P], yv[P];
           IO::load(dy + o, d);
           IO::load(x + o, v);
-          if constexpr (kResidual) IO::load(res + o, r);
+          if constexpr (kOutputMask) IO::load(y + o, yv);
           for (int q = 0; q < P; ++q) {
-            add_g<Vec, kResidual, kRelu>(d[q], v[q], kResidual ? r[q] : zero, vmean, vscale, vshift, sg, sgx);
+            add_g<Vec, kOutputMask, kRelu>(d[q], v[q], kOutputMask ? yv[q] : zero, vmean, vscale, vshift, sg, sgx);
           }
         },
         [&](int64_t o, acc_t& sg, acc_t& sgx) {
           const acc_t xmu = acc_t(x[o]) - mean;
-          const acc_t g = masked_scalar<acc_t, kResidual, kRelu>(acc_t(dy[o]), xmu, scale, shift,
-                                                                 kResidual ? acc_t(res[o]) : acc_t(0));
+          const acc_t g = masked_scalar<acc_t, kOutputMask, kRelu>(acc_t(dy[o]), xmu, scale, shift,
+                                                                   kOutputMask ? acc_t(y[o]) : acc_t(0));
           sg += g;
           sgx += g * xmu;
         },
         [&](int64_t o) {
           __builtin_prefetch(dy + o);
           __builtin_prefetch(x + o);
-          if constexpr (kResidual) __builtin_prefetch(res + o);
+          if constexpr (kOutputMask) __builtin_prefetch(y + o);
         },
         out_g[0], out_gx[0]);
     return;
   }
   acc_t* mean_p = buf.coef.data();
-  acc_t* scale_p = mean_p + (kRelu ? L : 0);
-  acc_t* shift_p = scale_p + (kRelu ? L : 0);
+  acc_t* scale_p = mean_p + (kRecompute ? L : 0);
+  acc_t* shift_p = scale_p + (kRecompute ? L : 0);
   acc_t* sum_g = buf.sum_g.data();
   acc_t* sum_gx = buf.sum_gx.data();
   expand_channels(t, mean_p, [&](int64_t c) { return a.mean[c]; });
-  if constexpr (kRelu) {
+  if constexpr (kRecompute) {
     expand_channels(t, scale_p, [&](int64_t c) { return a.scale[c]; });
     expand_channels(t, shift_p, [&](int64_t c) { return a.shift[c]; });
   }
@@ -835,14 +841,14 @@ void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
   const auto load_coef = [&](int64_t i, Vec* mean, Vec* scale, Vec* shift) {
     for (int q = 0; q < P; ++q) {
       mean[q] = Vec::loadu(mean_p + i + q * V);
-      if constexpr (kRelu) {
+      if constexpr (kRecompute) {
         scale[q] = Vec::loadu(scale_p + i + q * V);
         shift[q] = Vec::loadu(shift_p + i + q * V);
       }
     }
   };
   // With the mask's scale and shift, five arrays of vectors instead of three.
-  constexpr int kRegVectorsG = kRegVectors / P / (kRelu ? 2 : 1);
+  constexpr int kRegVectorsG = kRegVectors / P / (kRecompute ? 2 : 1);
   if (L % W == 0 && L / W <= kRegVectorsG) {
     // Runs of at most kRegVectorsG vectors (channels_last with few channels): the sums stay in registers, and the
     // runs are read in memory order. One-row groups with the sums in L1 ran at about 60% of this on 64 channels
@@ -894,9 +900,9 @@ void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
         for (int j = 0; j < G; ++j) {
           const int64_t o = off + j * t.stride + i;
           const acc_t xmu = acc_t(x[o]) - mean_p[i];
-          const acc_t g = masked_scalar<acc_t, kResidual, kRelu>(
-              acc_t(dy[o]), xmu, kRelu ? scale_p[i] : acc_t(0), kRelu ? shift_p[i] : acc_t(0),
-              kResidual ? acc_t(res[o]) : acc_t(0));
+          const acc_t g = masked_scalar<acc_t, kOutputMask, kRelu>(
+              acc_t(dy[o]), xmu, kRecompute ? scale_p[i] : acc_t(0), kRecompute ? shift_p[i] : acc_t(0),
+              kOutputMask ? acc_t(y[o]) : acc_t(0));
           sum_g[i] += g;
           sum_gx[i] += g * xmu;
         }
@@ -930,7 +936,7 @@ void sum_slots(const ReduceArgs<scalar_t>& a, int64_t slots, const double* part_
   }
 }
 
-template <typename scalar_t, bool kResidual, bool kRelu>
+template <typename scalar_t, bool kOutputMask, bool kRelu>
 void backward_reduce_impl(const ReduceArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
   const RunTiles rt(a.geom);
@@ -938,11 +944,11 @@ void backward_reduce_impl(const ReduceArgs<scalar_t>& a) {
   std::vector<double> part_g(rt.slots() * C), part_gx(rt.slots() * C);
 
   at::parallel_for(0, rt.items(), rt.grain(), [&](int64_t begin, int64_t end) {
-    ReduceBuffers<acc_t, kRelu> buf(rt.max_L());
+    ReduceBuffers<acc_t, kRecomputeMask<kOutputMask, kRelu>> buf(rt.max_L());
     for (int64_t item = begin; item < end; ++item) {
       const RunTile t = rt.at(item);
-      backward_reduce_tile<scalar_t, kResidual, kRelu>(a, t, buf, &part_g[t.slot * C + t.c0],
-                                                       &part_gx[t.slot * C + t.c0]);
+      backward_reduce_tile<scalar_t, kOutputMask, kRelu>(a, t, buf, &part_g[t.slot * C + t.c0],
+                                                         &part_gx[t.slot * C + t.c0]);
     }
   });
 
@@ -953,43 +959,42 @@ void backward_reduce_impl(const ReduceArgs<scalar_t>& a) {
 
 template <typename scalar_t>
 void backward_reduce(const ReduceArgs<scalar_t>& a) {
-  // The residual only matters through the ReLU mask.
-  BOOL_SWITCH(a.relu && a.residual != nullptr, kResidual, [&] {
+  // The output only matters through the ReLU mask.
+  BOOL_SWITCH(a.relu && a.output != nullptr, kOutputMask, [&] {
     BOOL_SWITCH(a.relu, kRelu, [&] {
-      if constexpr (!kResidual || kRelu) backward_reduce_impl<scalar_t, kResidual, kRelu>(a);
+      if constexpr (!kOutputMask || kRelu) backward_reduce_impl<scalar_t, kOutputMask, kRelu>(a);
     });
   });
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // Backward elementwise over one contiguous run.
-template <typename scalar_t, bool kResidual, bool kRelu, bool kTrain, typename Coef>
-inline void backward_run(const scalar_t* dy, const scalar_t* x, const scalar_t* res, scalar_t* dx, scalar_t* gout,
+template <typename scalar_t, bool kOutputMask, bool kRelu, bool kTrain, typename Coef>
+inline void backward_run(const scalar_t* dy, const scalar_t* x, const scalar_t* y, scalar_t* dx, scalar_t* gout,
                          int64_t n, const Coef& mean, const Coef& scale, const Coef& shift, const Coef& k,
                          const Coef& p, const Coef& q, bool stream, int64_t prefetch_ahead = 0) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   constexpr int P = IO::kParts;
-  constexpr bool kNeedX = kTrain || kRelu;
+  constexpr bool kNeedX = kTrain || kRecomputeMask<kOutputMask, kRelu>;
   const Vec zero(acc_t(0));
   vector_steps<IO::kWidth>(n, [&](int64_t i, int64_t count) {
-    Vec d[P], v[P], r[P], out[P];
+    Vec d[P], v[P], yv[P], out[P];
     if (prefetch_ahead != 0) {  // kPrefetchBytes ahead, or the next fused block's (backward_fused_impl)
       __builtin_prefetch(dy + i + prefetch_ahead, 0, 2);
       __builtin_prefetch(x + i + prefetch_ahead, 0, 2);
-      if constexpr (kResidual) __builtin_prefetch(res + i + prefetch_ahead, 0, 2);
+      if constexpr (kOutputMask) __builtin_prefetch(y + i + prefetch_ahead, 0, 2);
     }
     IO::load(dy + i, d, count);
     if constexpr (kNeedX) IO::load(x + i, v, count);
-    if constexpr (kResidual) IO::load(res + i, r, count);
+    if constexpr (kOutputMask) IO::load(y + i, yv, count);
     for (int j = 0; j < P; ++j) {
       Vec g = d[j];
       Vec xmu;
       if constexpr (kNeedX) xmu = v[j] - mean.vec(i, j, count);
       if constexpr (kRelu) {
-        Vec pre = pre_activation(xmu, scale.vec(i, j, count), shift.vec(i, j, count));
-        if constexpr (kResidual) pre = pre + r[j];
+        const Vec pre = kOutputMask ? yv[j] : pre_activation(xmu, scale.vec(i, j, count), shift.vec(i, j, count));
         g = Vec::blendv(zero, g, pre > zero);
         d[j] = g;
       }
@@ -1010,44 +1015,44 @@ template <typename scalar_t>
 struct BackwardData {
   const scalar_t* dy;
   const scalar_t* x;
-  const scalar_t* res;
+  const scalar_t* y;
   scalar_t* dx;
   scalar_t* gout;
   bool stream;
   explicit BackwardData(const ElementwiseArgs<scalar_t>& e)
       : dy(e.dy->template data_ptr<scalar_t>()),
         x(e.x->template data_ptr<scalar_t>()),
-        res(e.residual != nullptr ? e.residual->template data_ptr<scalar_t>() : nullptr),
+        y(e.output != nullptr ? e.output->template data_ptr<scalar_t>() : nullptr),
         dx(e.dx != nullptr ? e.dx->template data_ptr<scalar_t>() : nullptr),
         gout(e.g_out != nullptr ? e.g_out->template data_ptr<scalar_t>() : nullptr),
         stream(stream_output(e.geom, e.dx != nullptr ? *e.dx : *e.g_out)) {}
-  template <bool kResidual, bool kRelu, bool kTrain, typename Coef>
+  template <bool kOutputMask, bool kRelu, bool kTrain, typename Coef>
   C10_ALWAYS_INLINE void run(int64_t off, int64_t n, const Coef& mean, const Coef& scale, const Coef& shift,
                              const Coef& k, const Coef& p, const Coef& q, int64_t prefetch_ahead) const {
-    backward_run<scalar_t, kResidual, kRelu, kTrain>(dy + off, x + off, kResidual ? res + off : nullptr,
-                                                     dx ? dx + off : nullptr, gout ? gout + off : nullptr, n, mean,
-                                                     scale, shift, k, p, q, stream, prefetch_ahead);
+    backward_run<scalar_t, kOutputMask, kRelu, kTrain>(dy + off, x + off, kOutputMask ? y + off : nullptr,
+                                                       dx ? dx + off : nullptr, gout ? gout + off : nullptr, n, mean,
+                                                       scale, shift, k, p, q, stream, prefetch_ahead);
   }
 };
 
-template <typename scalar_t, bool kResidual, bool kRelu, bool kTrain>
+template <typename scalar_t, bool kOutputMask, bool kRelu, bool kTrain>
 void backward_elementwise_impl(const ElementwiseArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
   const BackwardData<scalar_t> d(a);
   const acc_t* p_arr = kTrain ? a.p : a.k;  // p, q unused when !kTrain
   const acc_t* q_arr = kTrain ? a.q : a.k;
   elementwise_runs<acc_t>(a.geom, d.stream, [&](int64_t off, int64_t n, auto coef) {
-    d.template run<kResidual, kRelu, kTrain>(off, n, coef(a.mean), coef(a.scale), coef(a.shift), coef(a.k),
-                                             coef(p_arr), coef(q_arr), kPrefetchElements<scalar_t>);
+    d.template run<kOutputMask, kRelu, kTrain>(off, n, coef(a.mean), coef(a.scale), coef(a.shift), coef(a.k),
+                                               coef(p_arr), coef(q_arr), kPrefetchElements<scalar_t>);
   });
 }
 
 template <typename scalar_t>
 void backward_elementwise(const ElementwiseArgs<scalar_t>& a) {
-  BOOL_SWITCH(a.relu && a.residual != nullptr, kResidual, [&] {
+  BOOL_SWITCH(a.relu && a.output != nullptr, kOutputMask, [&] {
     BOOL_SWITCH(a.relu, kRelu, [&] {
       BOOL_SWITCH(a.use_x, kTrain, [&] {
-        if constexpr (!kResidual || kRelu) backward_elementwise_impl<scalar_t, kResidual, kRelu, kTrain>(a);
+        if constexpr (!kOutputMask || kRelu) backward_elementwise_impl<scalar_t, kOutputMask, kRelu, kTrain>(a);
       });
     });
   });
@@ -1056,8 +1061,8 @@ void backward_elementwise(const ElementwiseArgs<scalar_t>& a) {
 // ---------------------------------------------------------------------------------------------------------
 // Fused training backward over kPlanes (FusedBlocks, kernels.h): per block of whole channels, one thread sums the
 // block as one tile (all N runs of cb·S positions), turns the sums into the dx coefficients and writes dx plane
-// by plane while the block's dy and x are still in cache. Traffic: 2E read + 1E write (+1E residual read).
-template <typename scalar_t, bool kResidual, bool kRelu>
+// by plane while the block's dy and x are still in cache. Traffic: 2E read + 1E write (+1E read of an output mask).
+template <typename scalar_t, bool kOutputMask, bool kRelu>
 void backward_fused_impl(const FusedBackwardArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
   const ReduceArgs<scalar_t>& r = a.reduce;
@@ -1067,7 +1072,8 @@ void backward_fused_impl(const FusedBackwardArgs<scalar_t>& a) {
   const int64_t grain = N * C * S < kParallelMin ? a.blocks.blocks : 1;
   const int64_t chunk = a.blocks.chunk;
   at::parallel_for(0, a.blocks.blocks, grain, [&](int64_t begin, int64_t end) {
-    ReduceBuffers<acc_t, kRelu> buf(cb == 1 ? 1 : cb * chunk);  // one-channel tiles sum in registers
+    // One-channel tiles sum in registers.
+    ReduceBuffers<acc_t, kRecomputeMask<kOutputMask, kRelu>> buf(cb == 1 ? 1 : cb * chunk);
     std::vector<acc_t> p(cb), q(cb);
     std::vector<double> sum_g(cb), sum_gx(cb), tile_g(cb), tile_gx(cb);
     for (int64_t b = begin; b < end; ++b) {
@@ -1076,7 +1082,7 @@ void backward_fused_impl(const FusedBackwardArgs<scalar_t>& a) {
       std::fill(sum_gx.begin(), sum_gx.end(), 0.0);
       for (int64_t s0 = 0; s0 < S; s0 += chunk) {  // one tile unless a plane is longer than a tile
         const RunTile t{c0, c1, std::min(chunk, S - s0), c0 * S + s0, C * S, N, 0};
-        backward_reduce_tile<scalar_t, kResidual, kRelu>(r, t, buf, tile_g.data(), tile_gx.data());
+        backward_reduce_tile<scalar_t, kOutputMask, kRelu>(r, t, buf, tile_g.data(), tile_gx.data());
         for (int64_t j = 0; j < c1 - c0; ++j) {
           sum_g[j] += tile_g[j];
           sum_gx[j] += tile_gx[j];
@@ -1093,9 +1099,9 @@ void backward_fused_impl(const FusedBackwardArgs<scalar_t>& a) {
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t off = (n * C + c) * S;
           const int64_t ahead = prefetch_next && c + cb < C ? cb * S : 0;
-          d.template run<kResidual, kRelu, true>(off, S, PlaneCoef<acc_t>(e.mean[c]), PlaneCoef<acc_t>(e.scale[c]),
-                                                 PlaneCoef<acc_t>(e.shift[c]), PlaneCoef<acc_t>(e.k[c]),
-                                                 PlaneCoef<acc_t>(p[c - c0]), PlaneCoef<acc_t>(q[c - c0]), ahead);
+          d.template run<kOutputMask, kRelu, true>(off, S, PlaneCoef<acc_t>(e.mean[c]), PlaneCoef<acc_t>(e.scale[c]),
+                                                   PlaneCoef<acc_t>(e.shift[c]), PlaneCoef<acc_t>(e.k[c]),
+                                                   PlaneCoef<acc_t>(p[c - c0]), PlaneCoef<acc_t>(q[c - c0]), ahead);
         }
       }
     }
@@ -1107,7 +1113,7 @@ void backward_fused_impl(const FusedBackwardArgs<scalar_t>& a) {
 // sum its tiles, the block's sums become dx coefficients, and all threads write its dx while the block's dy and x
 // are in the last-level cache. Traffic: 2E read + 1E write when a block fits in that cache (a (20, 6, 65536)
 // float block is 10.5 MB of inputs), the unfused 4E read + 1E write when it does not.
-template <typename scalar_t, bool kResidual, bool kRelu>
+template <typename scalar_t, bool kOutputMask, bool kRelu>
 void backward_channel_major_impl(const FusedBackwardArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
   const ReduceArgs<scalar_t>& r = a.reduce;
@@ -1121,11 +1127,11 @@ void backward_channel_major_impl(const FusedBackwardArgs<scalar_t>& a) {
   std::vector<acc_t> p(C), q(C);
   for (int64_t cbi = 0; cbi < rt.cblocks; ++cbi) {
     at::parallel_for(0, block_items, rt.grain(), [&](int64_t begin, int64_t end) {
-      ReduceBuffers<acc_t, kRelu> buf(rt.max_L());
+      ReduceBuffers<acc_t, kRecomputeMask<kOutputMask, kRelu>> buf(rt.max_L());
       for (int64_t i = begin; i < end; ++i) {
         const RunTile t = rt.at(((i / rt.chunks) * rt.cblocks + cbi) * rt.chunks + i % rt.chunks);
-        backward_reduce_tile<scalar_t, kResidual, kRelu>(r, t, buf, &part_g[t.slot * C + t.c0],
-                                                         &part_gx[t.slot * C + t.c0]);
+        backward_reduce_tile<scalar_t, kOutputMask, kRelu>(r, t, buf, &part_g[t.slot * C + t.c0],
+                                                           &part_gx[t.slot * C + t.c0]);
       }
     });
     const int64_t c0 = cbi * rt.cb, c1 = std::min(C, c0 + rt.cb);
@@ -1136,10 +1142,10 @@ void backward_channel_major_impl(const FusedBackwardArgs<scalar_t>& a) {
     const PlaneChunks pc(geom, c0, c1);
     at::parallel_for(0, pc.items, pc.grain(), [&](int64_t begin, int64_t end) {
       pc.visit(begin, end, [&](int64_t off, int64_t n, int64_t c) {
-        d.template run<kResidual, kRelu, true>(off, n, PlaneCoef<acc_t>(e.mean[c]), PlaneCoef<acc_t>(e.scale[c]),
-                                               PlaneCoef<acc_t>(e.shift[c]), PlaneCoef<acc_t>(e.k[c]),
-                                               PlaneCoef<acc_t>(p[c]), PlaneCoef<acc_t>(q[c]),
-                                               kPrefetchElements<scalar_t>);
+        d.template run<kOutputMask, kRelu, true>(off, n, PlaneCoef<acc_t>(e.mean[c]), PlaneCoef<acc_t>(e.scale[c]),
+                                                 PlaneCoef<acc_t>(e.shift[c]), PlaneCoef<acc_t>(e.k[c]),
+                                                 PlaneCoef<acc_t>(p[c]), PlaneCoef<acc_t>(q[c]),
+                                                 kPrefetchElements<scalar_t>);
       });
       stream_fence(d.stream);
     });
@@ -1148,13 +1154,13 @@ void backward_channel_major_impl(const FusedBackwardArgs<scalar_t>& a) {
 
 template <typename scalar_t>
 void backward_fused(const FusedBackwardArgs<scalar_t>& a) {
-  BOOL_SWITCH(a.reduce.relu && a.reduce.residual != nullptr, kResidual, [&] {
+  BOOL_SWITCH(a.reduce.relu && a.reduce.output != nullptr, kOutputMask, [&] {
     BOOL_SWITCH(a.reduce.relu, kRelu, [&] {
-      if constexpr (!kResidual || kRelu) {
+      if constexpr (!kOutputMask || kRelu) {
         if (a.blocks.channel_major) {
-          backward_channel_major_impl<scalar_t, kResidual, kRelu>(a);
+          backward_channel_major_impl<scalar_t, kOutputMask, kRelu>(a);
         } else {
-          backward_fused_impl<scalar_t, kResidual, kRelu>(a);
+          backward_fused_impl<scalar_t, kOutputMask, kRelu>(a);
         }
       }
     });

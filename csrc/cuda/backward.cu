@@ -1,4 +1,4 @@
-// Backward: the per-channel reduction (Σg, Σg·x̂ with g = dy masked by the recomputed ReLU), the
+// Backward: the per-channel reduction (Σg, Σg·x̂ with g = dy masked by the ReLU), the
 // elementwise dx / grad_residual, and the persistent single-read training backward.
 #include "cuda/plan.cuh"
 
@@ -6,22 +6,23 @@ namespace fastbn {
 namespace cuda {
 namespace {
 
-// g = dy, zeroed where the forward's pre-activation (recomputed with the forward's arithmetic) is not > 0.
+// g = dy, zeroed with relu where the forward's output y (when given: a fused residual add) or else the forward's
+// pre-activation, recomputed from x with the forward's arithmetic, is not > 0.
 template <int W, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void masked_grad(const Pack<scalar_t, W>& dyv, const Pack<scalar_t, W>& xv,
-                                            const scalar_t* __restrict__ res, const Coef<acc_t>* k, bool relu,
+                                            const scalar_t* __restrict__ y, const Coef<acc_t>* k, bool relu,
                                             acc_t (&g)[W], acc_t (&xmu)[W]) {
-  Pack<scalar_t, W> rv;
-  if (relu && res != nullptr) rv = load_pack<W>(res);
+  const bool has_y = relu && y != nullptr;
+  Pack<scalar_t, W> yv;
+  if (has_y) yv = load_pack<W>(y);
 #pragma unroll
   for (int v = 0; v < W; ++v) {
     const acc_t xa = static_cast<acc_t>(xv.val[v]);
     g[v] = static_cast<acc_t>(dyv.val[v]);
     xmu[v] = xa - k[v].mean;
     if (relu) {
-      const bool has_res = res != nullptr;
-      const acc_t pre = pre_activation(xa, k[v], has_res ? static_cast<acc_t>(rv.val[v]) : acc_t(0), has_res);
-      if (!relu_passes(pre)) g[v] = acc_t(0);
+      const acc_t out = has_y ? static_cast<acc_t>(yv.val[v]) : pre_activation(xa, k[v], acc_t(0), false);
+      if (!relu_passes(out)) g[v] = acc_t(0);
     }
   }
 }
@@ -48,11 +49,11 @@ __device__ __forceinline__ void store_grads(scalar_t* __restrict__ dx, scalar_t*
 // stay in registers (xb, gb), grad_residual is written when asked; g and x - mean are returned for the sums.
 template <int W, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void keep_masked_grad(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                                 const scalar_t* __restrict__ res, scalar_t* __restrict__ dr,
+                                                 const scalar_t* __restrict__ y, scalar_t* __restrict__ dr,
                                                  const Coef<acc_t>* k, bool relu, Pack<scalar_t, W>& xb,
                                                  Pack<scalar_t, W>& gb, acc_t (&g)[W], acc_t (&xmu)[W]) {
   xb = load_pack<W>(x);
-  masked_grad<W>(load_pack<W>(dy), xb, res, k, relu, g, xmu);
+  masked_grad<W>(load_pack<W>(dy), xb, y, k, relu, g, xmu);
 #pragma unroll
   for (int v = 0; v < W; ++v) gb.val[v] = static_cast<scalar_t>(g[v]);
   if (dr != nullptr) store_pack<W>(dr, gb);
@@ -93,14 +94,14 @@ __device__ __forceinline__ void rows_reduce_init(const BwdParams<param_t, acc_t>
     for (int v = 0; v < W; ++v) k[v] = params.get(c0 + v, acc_t(0), acc_t(0)).fwd;
 }
 
-// Backward reduction, planes layout. Traffic: 2E read (+1E residual when relu). Launch: grid (C, splits),
+// Backward reduction, planes layout. Traffic: 2E read (+1E read of y when relu and given). Launch: grid (C, splits),
 // 1-D blocks; last-block-done merge of the (Σg, Σg·(x-mean)) partials in split order, then the epilogue
 // (grad_weight, grad_bias, or the sums / means for the elementwise pass).
 template <typename scalar_t, typename param_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kMaxThreads)
     backward_reduce_planes_kernel(PlanesGeom<index_t> g, Sums2<acc_t>* partials, unsigned* counters,
                                   const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                  const scalar_t* __restrict__ res, BwdParams<param_t, acc_t> params,
+                                  const scalar_t* __restrict__ y, BwdParams<param_t, acc_t> params,
                                   BwdReduceOut<param_t, acc_t> out, bool relu) {
   __shared__ Sums2<acc_t> scratch[32];
   const index_t c = blockIdx.x;
@@ -119,7 +120,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (index_t u = static_cast<index_t>(split) * blockDim.x + threadIdx.x; u < g.units; u += step) {
       const index_t off = g.template offset<W>(c, u);
       acc_t gv[W], xmu[W];
-      masked_grad<W>(load_pack<W>(dy + off), load_pack<W>(x + off), res != nullptr ? res + off : nullptr, k, relu, gv,
+      masked_grad<W>(load_pack<W>(dy + off), load_pack<W>(x + off), y != nullptr ? y + off : nullptr, k, relu, gv,
                      xmu);
       add_grads(lanes, gv, xmu);
     }
@@ -130,13 +131,13 @@ __global__ void __launch_bounds__(kMaxThreads)
                      [&](const Sums2<acc_t>& total) { out.finalize(c, total); });
 }
 
-// Backward reduction, rows layout. Traffic: 2E read (+1E residual when relu). Launch: grid (tiles, splits),
+// Backward reduction, rows layout. Traffic: 2E read (+1E read of y when relu and given). Launch: grid (tiles, splits),
 // blocks (tx, ty), dynamic shared memory of tx*ty partial pairs; last-block-done merge per tile.
 template <typename scalar_t, typename param_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kMaxThreads)
     backward_reduce_rows_kernel(RowsGeom<index_t> g, Sums2<acc_t>* partials, unsigned* counters,
                                 const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                const scalar_t* __restrict__ res, BwdParams<param_t, acc_t> params,
+                                const scalar_t* __restrict__ y, BwdParams<param_t, acc_t> params,
                                 BwdReduceOut<param_t, acc_t> out, bool relu) {
   Sums2<acc_t>* smem = dynamic_shared<Sums2<acc_t>>();
   const unsigned split = blockIdx.y, splits = gridDim.y;
@@ -152,7 +153,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       for (index_t r = static_cast<index_t>(split) * blockDim.y + threadIdx.y; r < g.R; r += step) {
         const index_t off = r * g.C + c0;
         acc_t gv[W], xmu[W];
-        masked_grad<W>(load_pack<W>(dy + off), load_pack<W>(x + off), res != nullptr ? res + off : nullptr, k, relu,
+        masked_grad<W>(load_pack<W>(dy + off), load_pack<W>(x + off), y != nullptr ? y + off : nullptr, k, relu,
                        gv, xmu);
         add_grads(lanes, gv, xmu);
       }
@@ -165,16 +166,16 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 // Backward elementwise, planes layout. Traffic: training 2E read + 1E write (dx) [+1E write grad_residual]
-// [+1E read residual with relu]; eval without relu reads only dy. Launch: as the planes normalize.
+// [+1E read of y with relu, when given]; eval reads no x without relu or with y. Launch: as the planes normalize.
 template <typename scalar_t, typename param_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kMaxThreads)
     backward_elementwise_planes_kernel(PlanesGeom<index_t> g, const scalar_t* __restrict__ dy,
-                                       const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
+                                       const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
                                        scalar_t* __restrict__ dx, scalar_t* __restrict__ dr,
                                        BwdParams<param_t, acc_t> params, bool training, bool relu) {
   const index_t c = blockIdx.x;
   const unsigned split = blockIdx.y, splits = gridDim.y;
-  const bool need_x = training || relu;
+  const bool need_x = training || (relu && y == nullptr);
   with_width<scalar_t>(g.vec, [&](auto width) {
     constexpr int W = decltype(width)::value;
     BwdCoef<acc_t> b[W];
@@ -191,7 +192,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       Pack<scalar_t, W> xv{};
       if (need_x) xv = load_pack<W>(x + off);
       acc_t gv[W], xmu[W];
-      masked_grad<W>(load_pack<W>(dy + off), xv, res != nullptr ? res + off : nullptr, k, relu, gv, xmu);
+      masked_grad<W>(load_pack<W>(dy + off), xv, y != nullptr ? y + off : nullptr, k, relu, gv, xmu);
       store_grads<W>(dx != nullptr ? dx + off : nullptr, dr != nullptr ? dr + off : nullptr, gv, xmu, b, training);
     }
   });
@@ -201,11 +202,11 @@ __global__ void __launch_bounds__(kMaxThreads)
 template <typename scalar_t, typename param_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kMaxThreads)
     backward_elementwise_rows_kernel(RowsGeom<index_t> g, const scalar_t* __restrict__ dy,
-                                     const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
+                                     const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
                                      scalar_t* __restrict__ dx, scalar_t* __restrict__ dr,
                                      BwdParams<param_t, acc_t> params, bool training, bool relu) {
   const unsigned split = blockIdx.y, splits = gridDim.y;
-  const bool need_x = training || relu;
+  const bool need_x = training || (relu && y == nullptr);
   with_width<scalar_t>(g.vec, [&](auto width) {
     constexpr int W = decltype(width)::value;
     const index_t c0 = (static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x) * W;
@@ -223,21 +224,21 @@ __global__ void __launch_bounds__(kMaxThreads)
       Pack<scalar_t, W> xv{};
       if (need_x) xv = load_pack<W>(x + off);
       acc_t gv[W], xmu[W];
-      masked_grad<W>(load_pack<W>(dy + off), xv, res != nullptr ? res + off : nullptr, k, relu, gv, xmu);
+      masked_grad<W>(load_pack<W>(dy + off), xv, y != nullptr ? y + off : nullptr, k, relu, gv, xmu);
       store_grads<W>(dx != nullptr ? dx + off : nullptr, dr != nullptr ? dr + off : nullptr, gv, xmu, b, training);
     }
   });
 }
 
-// Persistent training backward, planes layout. Traffic: 3E (+1E write grad_residual, +1E read residual
-// with relu): x and g are read once into registers (kBytes each per thread), reduced, and dx is computed
+// Persistent training backward, planes layout. Traffic: 3E (+1E write grad_residual, +1E read of y with
+// relu, when given): x and g are read once into registers (kBytes each per thread), reduced, and dx is computed
 // from registers after one grid barrier. Launch: cooperative, grid (gc, splits), `rounds` channels per
 // block, as the persistent forward.
 template <typename scalar_t, typename param_t, typename acc_t, typename index_t, int kBytes>
 __global__ void __launch_bounds__(kMaxThreads)
     persistent_backward_planes_kernel(PlanesGeom<index_t> g, index_t C, unsigned rounds, Sums2<acc_t>* partials,
                                       const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                      const scalar_t* __restrict__ res, scalar_t* __restrict__ dx,
+                                      const scalar_t* __restrict__ y, scalar_t* __restrict__ dx,
                                       scalar_t* __restrict__ dr, BwdParams<param_t, acc_t> params,
                                       BwdReduceOut<param_t, acc_t> out, bool relu) {
   __shared__ Sums2<acc_t> scratch[32];
@@ -256,7 +257,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       for_each_slot<kSlots>(g.units, r, per_round, [&](int s, index_t u) {
         const index_t off = g.template offset<W>(c, u);
         acc_t gv[W], xmu[W];
-        keep_masked_grad<W>(dy + off, x + off, res != nullptr ? res + off : nullptr, dr != nullptr ? dr + off : nullptr,
+        keep_masked_grad<W>(dy + off, x + off, y != nullptr ? y + off : nullptr, dr != nullptr ? dr + off : nullptr,
                             k, relu, xbuf[s], gbuf[s], gv, xmu);
 #pragma unroll
         for (int v = 0; v < W; ++v) {
@@ -296,7 +297,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 template <typename scalar_t, typename param_t, typename acc_t, typename index_t, int kBytes>
 __global__ void __launch_bounds__(kMaxThreads)
     persistent_backward_rows_kernel(RowsGeom<index_t> g, Sums2<acc_t>* partials, const scalar_t* __restrict__ dy,
-                                    const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
+                                    const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
                                     scalar_t* __restrict__ dx, scalar_t* __restrict__ dr,
                                     BwdParams<param_t, acc_t> params, BwdReduceOut<param_t, acc_t> out, bool relu) {
   Sums2<acc_t>* smem = dynamic_shared<Sums2<acc_t>>();
@@ -315,7 +316,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       for_each_row_slot<kSlots>(g.R, [&](int s, index_t r) {
         const index_t off = r * g.C + c0;
         acc_t gv[W], xmu[W];
-        keep_masked_grad<W>(dy + off, x + off, res != nullptr ? res + off : nullptr, dr != nullptr ? dr + off : nullptr,
+        keep_masked_grad<W>(dy + off, x + off, y != nullptr ? y + off : nullptr, dr != nullptr ? dr + off : nullptr,
                             k, relu, xbuf[s], gbuf[s], gv, xmu);
         add_grads(lanes, gv, xmu);
       });
@@ -350,7 +351,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 }  // namespace
 
 template <typename S, typename P, typename A>
-void launch_backward_reduce(const Geometry& g, const at::Tensor& input, const S* dy, const S* x, const S* res,
+void launch_backward_reduce(const Geometry& g, const at::Tensor& input, const S* dy, const S* x, const S* y,
                             const BwdParams<P, A>& params, const BwdReduceOut<P, A>& out, bool relu) {
   launch_grid_stride<S, Sums2<A>>(
       g, input,
@@ -359,11 +360,11 @@ void launch_backward_reduce(const Geometry& g, const at::Tensor& input, const S*
         return std::make_pair(backward_reduce_planes_kernel<S, P, A, index_t>,
                               backward_reduce_rows_kernel<S, P, A, index_t>);
       },
-      dy, x, res, params, out, relu);
+      dy, x, y, params, out, relu);
 }
 
 template <typename S, typename P, typename A>
-void launch_backward_elementwise(const Geometry& g, const at::Tensor& input, const S* dy, const S* x, const S* res,
+void launch_backward_elementwise(const Geometry& g, const at::Tensor& input, const S* dy, const S* x, const S* y,
                                  S* dx, S* dr, const BwdParams<P, A>& params, bool training, bool relu) {
   launch_grid_stride<S, void>(
       g, input,
@@ -372,17 +373,17 @@ void launch_backward_elementwise(const Geometry& g, const at::Tensor& input, con
         return std::make_pair(backward_elementwise_planes_kernel<S, P, A, index_t>,
                               backward_elementwise_rows_kernel<S, P, A, index_t>);
       },
-      dy, x, res, dx, dr, params, training, relu);
+      dy, x, y, dx, dr, params, training, relu);
 }
 
 template <typename S, typename P, typename A>
-bool launch_persistent_backward(const Geometry& g, const at::Tensor& input, const S* dy, const S* x, const S* res,
+bool launch_persistent_backward(const Geometry& g, const at::Tensor& input, const S* dy, const S* x, const S* y,
                                 S* dx, S* dr, const BwdParams<P, A>& params, const BwdReduceOut<P, A>& out,
                                 bool relu) {
   constexpr int kBytes = kPersistentBackwardBytes;
   return launch_persistent<S, Sums2<A>, BwdCoef<A>, kBytes>(
       g, input, persistent_backward_planes_kernel<S, P, A, int32_t, kBytes>,
-      persistent_backward_rows_kernel<S, P, A, int32_t, kBytes>, dy, x, res, dx, dr, params, out, relu);
+      persistent_backward_rows_kernel<S, P, A, int32_t, kBytes>, dy, x, y, dx, dr, params, out, relu);
 }
 
 #define FASTBN_INSTANTIATE_BACKWARD(S, P, A)                                                                        \

@@ -4,7 +4,7 @@
 //  - layout: planes when the input is NCHW-contiguous with more than one value per plane; rows when the
 //    channels are innermost and the rows dense (channels_last 2d/3d, (N, C), (N, C, 1, 1)); anything else
 //    (general strided views) runs on a contiguous copy of the input and its outputs are copied back into
-//    tensors of the input's memory format. grad_output / residual in another layout than the input are
+//    tensors of the input's memory format. grad_output / residual / output in another layout than the input are
 //    copied into the input's layout first. Those copies are the only ones, and only for those cases.
 //  - path (forward-train, training backward with grad_input): the persistent single-read kernels when the
 //    tensor fits in the registers of the blocks that can be resident at once (max_cooperative_blocks), else
@@ -90,7 +90,8 @@ bool same_layout(const Geometry& g, const Tensor& t) {
   return g.layout == Layout::kPlanes ? t.is_contiguous() : is_rows(t);
 }
 
-// t (grad_output, residual) in the input's layout: itself, or a copy when it is laid out differently.
+// t (grad_output, residual, the forward's output) in the input's layout: itself, or a copy when it is laid out
+// differently.
 Tensor in_layout(const Geometry& g, const Tensor& input, const Tensor& t) {
   if (same_layout(g, t)) return t;
   Tensor copy = at::empty_like(input);
@@ -255,7 +256,7 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& input,
                                                     const OptTensor& weight, const OptTensor& bias,
-                                                    const OptTensor& residual, const Tensor& mean,
+                                                    const OptTensor& output, const Tensor& mean,
                                                     const Tensor& invstd, bool training, bool relu,
                                                     std::array<bool, 4> output_mask) {
   const DeviceGuard guard(input);
@@ -265,7 +266,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
   std::optional<Geometry> geom = empty ? std::nullopt : classify(input);
   if (!empty && !geom) {
     auto [dx, dw, db, dr] = backward(grad_output.contiguous(), input.contiguous(), weight, bias,
-                                     contiguous_or_none(residual), mean, invstd, training, relu, output_mask);
+                                     contiguous_or_none(output), mean, invstd, training, relu, output_mask);
     return {need_dx ? like_input(input, dx) : dx, dw, db, need_dr ? like_input(input, dr) : dr};
   }
   Tensor dx, dw, db, dr;
@@ -274,20 +275,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
 
   Geometry g = *geom;
   const Tensor dy = in_layout(g, input, grad_output);
-  const OptTensor res = relu ? in_layout(g, input, residual) : none();
+  const OptTensor out_y = relu ? in_layout(g, input, output) : none();
   FASTBN_DISPATCH(input.scalar_type(), param, "fastbn_backward", [&] {
     const scalar_t* x = data<const scalar_t>(input);
     const scalar_t* d = data<const scalar_t>(dy);
-    const scalar_t* r = ptr_or_null<scalar_t>(res);
+    const scalar_t* yp = ptr_or_null<scalar_t>(out_y);
     scalar_t* dxp = need_dx ? static_cast<scalar_t*>(dx.data_ptr()) : nullptr;
     scalar_t* drp = need_dr ? static_cast<scalar_t*>(dr.data_ptr()) : nullptr;
-    set_alignment<scalar_t>(g, {x, d, r, dxp, drp});
+    set_alignment<scalar_t>(g, {x, d, yp, dxp, drp});
     auto params = bwd_params<param_t, acc_t>(mean, invstd, weight, bias);
     auto out = bwd_reduce_out(params, g.m);
     out.grad_weight = need_dw ? static_cast<param_t*>(dw.data_ptr()) : nullptr;
     out.grad_bias = need_db ? static_cast<param_t*>(db.data_ptr()) : nullptr;
     if (training && need_dx && path_choice() != PathChoice::kTwoPass &&
-        launch_persistent_backward<scalar_t, param_t, acc_t>(g, input, d, x, r, dxp, drp, params, out, relu))
+        launch_persistent_backward<scalar_t, param_t, acc_t>(g, input, d, x, yp, dxp, drp, params, out, relu))
       return;
     Tensor means;
     if (training && need_dx) {
@@ -296,13 +297,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
       out.mean_dy_xhat = out.mean_dy + g.C;
     }
     if (need_dw || need_db || (training && need_dx))
-      launch_backward_reduce<scalar_t, param_t, acc_t>(g, input, d, x, r, params, out, relu);
+      launch_backward_reduce<scalar_t, param_t, acc_t>(g, input, d, x, yp, params, out, relu);
     if (need_dx || need_dr) {
       if (training && need_dx) {
         params.mean_dy = ChannelIn<acc_t>{out.mean_dy, 1};
         params.mean_dy_xhat = ChannelIn<acc_t>{out.mean_dy_xhat, 1};
       }
-      launch_backward_elementwise<scalar_t, param_t, acc_t>(g, input, d, x, r, dxp, drp, params, training, relu);
+      launch_backward_elementwise<scalar_t, param_t, acc_t>(g, input, d, x, yp, dxp, drp, params, training, relu);
     }
   });
   return {dx, dw, db, dr};
@@ -358,58 +359,58 @@ Tensor normalize(const Tensor& input, const Tensor& mean, const Tensor& invstd, 
 
 std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_output, const Tensor& input, const Tensor& mean,
                                            const Tensor& invstd, const OptTensor& weight, const OptTensor& bias,
-                                           const OptTensor& residual, bool relu) {
+                                           const OptTensor& output, bool relu) {
   const DeviceGuard guard(input);
   const auto acc = acc_dtype(input);
   if (input.numel() == 0) return {zero_channels(input, acc), zero_channels(input, acc)};
   std::optional<Geometry> geom = classify(input);
   if (!geom)
     return backward_reduce(grad_output.contiguous(), input.contiguous(), mean, invstd, weight, bias,
-                           contiguous_or_none(residual), relu);
+                           contiguous_or_none(output), relu);
   Geometry g = *geom;
   const Tensor dy = in_layout(g, input, grad_output);
-  const OptTensor res = relu ? in_layout(g, input, residual) : none();
+  const OptTensor out_y = relu ? in_layout(g, input, output) : none();
   Tensor sum_dy = empty_channels(input, acc);
   Tensor sum_dy_xhat = empty_channels(input, acc);
   const auto param = param_dtype(input, {&weight, &bias});
   FASTBN_DISPATCH(input.scalar_type(), param, "fastbn_backward_reduce", [&] {
     const scalar_t* x = data<const scalar_t>(input);
     const scalar_t* d = data<const scalar_t>(dy);
-    const scalar_t* r = ptr_or_null<scalar_t>(res);
-    set_alignment<scalar_t>(g, {x, d, r});
+    const scalar_t* yp = ptr_or_null<scalar_t>(out_y);
+    set_alignment<scalar_t>(g, {x, d, yp});
     auto params = bwd_params<param_t, acc_t>(mean, invstd, weight, bias);
     auto out = bwd_reduce_out(params, g.m);
     out.sum_dy = sum_dy.data_ptr<acc_t>();
     out.sum_dy_xhat = sum_dy_xhat.data_ptr<acc_t>();
-    launch_backward_reduce<scalar_t, param_t, acc_t>(g, input, d, x, r, params, out, relu);
+    launch_backward_reduce<scalar_t, param_t, acc_t>(g, input, d, x, yp, params, out, relu);
   });
   return {sum_dy, sum_dy_xhat};
 }
 
 Tensor backward_elementwise(const Tensor& grad_output, const Tensor& input, const Tensor& mean, const Tensor& invstd,
-                            const OptTensor& weight, const OptTensor& bias, const OptTensor& residual,
+                            const OptTensor& weight, const OptTensor& bias, const OptTensor& output,
                             const Tensor& mean_dy, const Tensor& mean_dy_xhat, bool relu) {
   const DeviceGuard guard(input);
   if (input.numel() == 0) return at::empty_like(input);
   std::optional<Geometry> geom = classify(input);
   if (!geom)
     return like_input(input, backward_elementwise(grad_output.contiguous(), input.contiguous(), mean, invstd, weight,
-                                                  bias, contiguous_or_none(residual), mean_dy, mean_dy_xhat, relu));
+                                                  bias, contiguous_or_none(output), mean_dy, mean_dy_xhat, relu));
   Geometry g = *geom;
   const Tensor dy = in_layout(g, input, grad_output);
-  const OptTensor res = relu ? in_layout(g, input, residual) : none();
+  const OptTensor out_y = relu ? in_layout(g, input, output) : none();
   Tensor dx = at::empty_like(input);
   const auto param = param_dtype(input, {&weight, &bias});
   FASTBN_DISPATCH(input.scalar_type(), param, "fastbn_backward_elementwise", [&] {
     const scalar_t* x = data<const scalar_t>(input);
     const scalar_t* d = data<const scalar_t>(dy);
-    const scalar_t* r = ptr_or_null<scalar_t>(res);
+    const scalar_t* yp = ptr_or_null<scalar_t>(out_y);
     scalar_t* dxp = static_cast<scalar_t*>(dx.data_ptr());
-    set_alignment<scalar_t>(g, {x, d, r, dxp});
+    set_alignment<scalar_t>(g, {x, d, yp, dxp});
     auto params = bwd_params<param_t, acc_t>(mean, invstd, weight, bias);
     params.mean_dy = channel_in<acc_t>(mean_dy);
     params.mean_dy_xhat = channel_in<acc_t>(mean_dy_xhat);
-    launch_backward_elementwise<scalar_t, param_t, acc_t>(g, input, d, x, r, dxp, nullptr, params, true, relu);
+    launch_backward_elementwise<scalar_t, param_t, acc_t>(g, input, d, x, yp, dxp, nullptr, params, true, relu);
   });
   return dx;
 }

@@ -263,19 +263,20 @@ bool launch_persistent_forward(const Geometry& g, const at::Tensor& input, const
                                const StatsOut<P, A>& out, const NormParams<P, A>& params,
                                int64_t* num_batches_tracked, bool relu);
 
-// Σg and Σg·(x - mean) per channel (g = dy masked by the recomputed ReLU), into `out`.
+// Σg and Σg·(x - mean) per channel (g = dy masked by the ReLU: y > 0 where y, the
+// forward's output, is given, else the recomputed pre-activation > 0), into `out`.
 template <typename S, typename P, typename A>
-void launch_backward_reduce(const Geometry& g, const at::Tensor& input, const S* dy, const S* x, const S* res,
+void launch_backward_reduce(const Geometry& g, const at::Tensor& input, const S* dy, const S* x, const S* y,
                             const BwdParams<P, A>& params, const BwdReduceOut<P, A>& out, bool relu);
 
 // dx (nullable) and grad_residual = g (nullable).
 template <typename S, typename P, typename A>
-void launch_backward_elementwise(const Geometry& g, const at::Tensor& input, const S* dy, const S* x, const S* res,
+void launch_backward_elementwise(const Geometry& g, const at::Tensor& input, const S* dy, const S* x, const S* y,
                                  S* dx, S* dr, const BwdParams<P, A>& params, bool training, bool relu);
 
 // Single-read training backward (reduce, grid barrier, dx); false when it does not fit.
 template <typename S, typename P, typename A>
-bool launch_persistent_backward(const Geometry& g, const at::Tensor& input, const S* dy, const S* x, const S* res,
+bool launch_persistent_backward(const Geometry& g, const at::Tensor& input, const S* dy, const S* x, const S* y,
                                 S* dx, S* dr, const BwdParams<P, A>& params, const BwdReduceOut<P, A>& out,
                                 bool relu);
 

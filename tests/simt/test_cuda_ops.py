@@ -141,10 +141,10 @@ def test_backward_train(emu, cpu, path, shape, fmt, dtype, pdtype):
     w, b, _, _ = params(shape[1], pdtype)
     res = support.make_like(x)
     dy = support.make_like(x)
-    _, mean, invstd = cpu.forward_train(x, w, b, res, None, None, None, 0.1, 1e-5, True)
+    y, mean, invstd = cpu.forward_train(x, w, b, res, None, None, None, 0.1, 1e-5, True)
     mask = [True, True, True, True]
-    got = emu.backward(dy, x, w, b, res, mean, invstd, True, True, mask)
-    want = cpu.backward(dy, x, w, b, res, mean, invstd, True, True, mask)
+    got = emu.backward(dy, x, w, b, y, mean, invstd, True, True, mask)
+    want = cpu.backward(dy, x, w, b, y, mean, invstd, True, True, mask)
     assert_same_results(got, want, dtype, BWD_NAMES)
     assert got[0].stride() == x.stride() and got[3].stride() == x.stride()
 
@@ -179,8 +179,9 @@ def test_epilogues(emu, cpu, path, fmt, affine, residual, relu, momentum):
     assert_same_results(got, want, torch.float16, FWD_NAMES)
     dy = support.make_like(x)
     mask = [True, affine, affine, residual]
-    got_b = emu.backward(dy, x, w, b, res, want[1], want[2], True, relu, mask)
-    want_b = cpu.backward(dy, x, w, b, res, want[1], want[2], True, relu, mask)
+    y = want[0] if residual and relu else None  # the mask of a residual add's ReLU
+    got_b = emu.backward(dy, x, w, b, y, want[1], want[2], True, relu, mask)
+    want_b = cpu.backward(dy, x, w, b, y, want[1], want[2], True, relu, mask)
     assert_same_results(got_b, want_b, torch.float16, BWD_NAMES)
 
 
@@ -239,11 +240,11 @@ def test_forward_eval(emu, cpu, shape, fmt, dtype, pdtype):
 def test_backward_masks(emu, cpu, path, fmt, mask, training):
     x = make((4, 8, 3, 4), torch.float32, fmt)
     w, b, rm, rv = params(8, torch.float32)
-    res, dy = support.make_like(x), support.make_like(x)
+    y, dy = support.make_like(x), support.make_like(x)  # y: a forward output for the ReLU mask
     mean = rm.float()
     invstd = (1 / torch.sqrt(rv + 1e-5)).float()
-    got = emu.backward(dy, x, w, b, res, mean, invstd, training, True, mask)
-    want = cpu.backward(dy, x, w, b, res, mean, invstd, training, True, mask)
+    got = emu.backward(dy, x, w, b, y, mean, invstd, training, True, mask)
+    want = cpu.backward(dy, x, w, b, y, mean, invstd, training, True, mask)
     for g, wn, name, selected in zip(got, want, BWD_NAMES, mask):
         if selected:
             assert_same_results([g], [wn], torch.float32, [name])
@@ -274,15 +275,15 @@ def test_sync_pieces(emu, cpu, shape, fmt, dtype, pdtype):
     assert got[2].dim() == 0 and got[2].item() == want[2].item()
     mean, var = want[0], want[1]
     invstd = 1 / torch.sqrt(var + 1e-5)
-    assert_same_results([emu.normalize(x, mean, invstd, w, b, res, True)], [cpu.normalize(x, mean, invstd, w, b, res, True)],
-                        dtype, ["normalize"])
-    got_r = emu.backward_reduce(dy, x, mean, invstd, w, b, res, True)
-    want_r = cpu.backward_reduce(dy, x, mean, invstd, w, b, res, True)
+    y = cpu.normalize(x, mean, invstd, w, b, res, True)
+    assert_same_results([emu.normalize(x, mean, invstd, w, b, res, True)], [y], dtype, ["normalize"])
+    got_r = emu.backward_reduce(dy, x, mean, invstd, w, b, y, True)
+    want_r = cpu.backward_reduce(dy, x, mean, invstd, w, b, y, True)
     assert_same_results(got_r, want_r, dtype, ["sum_dy", "sum_dy_xhat"])
     m = x.numel() // x.shape[1]
     mdy, mdyx = want_r[0] / m, want_r[1] / m
-    assert_same_results([emu.backward_elementwise(dy, x, mean, invstd, w, b, res, mdy, mdyx, True)],
-                        [cpu.backward_elementwise(dy, x, mean, invstd, w, b, res, mdy, mdyx, True)], dtype, ["dx"])
+    assert_same_results([emu.backward_elementwise(dy, x, mean, invstd, w, b, y, mdy, mdyx, True)],
+                        [cpu.backward_elementwise(dy, x, mean, invstd, w, b, y, mdy, mdyx, True)], dtype, ["dx"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -333,8 +334,9 @@ def test_persistent_path(emu, cpu, monkeypatch, resident, shape, fmt, dtype):
         want = run_forward_train(cpu, x, w, b, res, rm, rv, torch.tensor(1), None, True)
         assert_same_results(got, want, dtype, FWD_NAMES)
         dy = support.make_like(x)
-        got_b, launched_b, _ = launches(emu, lambda: emu.backward(dy, x, w, b, res, want[1], want[2], True, True, [True] * 4))
-        assert_same_results(got_b, cpu.backward(dy, x, w, b, res, want[1], want[2], True, True, [True] * 4), dtype,
+        y = want[0]
+        got_b, launched_b, _ = launches(emu, lambda: emu.backward(dy, x, w, b, y, want[1], want[2], True, True, [True] * 4))
+        assert_same_results(got_b, cpu.backward(dy, x, w, b, y, want[1], want[2], True, True, [True] * 4), dtype,
                             BWD_NAMES)
     finally:
         emu.set_resident_blocks(before)
@@ -390,8 +392,9 @@ def test_misaligned_views(emu, cpu, path, fmt, dtype):
     got = run_forward_train(emu, x, w, b, res, rm, rv, None, 0.1, True)
     want = run_forward_train(cpu, x, w, b, res, rm, rv, None, 0.1, True)
     assert_same_results(got, want, dtype, FWD_NAMES)
-    got_b = emu.backward(dy, x, w, b, res, want[1], want[2], True, True, [True] * 4)
-    want_b = cpu.backward(dy, x, w, b, res, want[1], want[2], True, True, [True] * 4)
+    y = misaligned(shape, dtype, fmt).copy_(want[0])  # the forward's output, for the mask, misaligned too
+    got_b = emu.backward(dy, x, w, b, y, want[1], want[2], True, True, [True] * 4)
+    want_b = cpu.backward(dy, x, w, b, y, want[1], want[2], True, True, [True] * 4)
     assert_same_results(got_b, want_b, dtype, BWD_NAMES)
 
 
@@ -407,8 +410,8 @@ def test_general_strided_inputs(emu, cpu, fmt):
     assert got[0].stride() == torch.empty_like(x).stride()
     for a, e, name in zip(got[1:], want[1:], FWD_NAMES[1:]):
         assert_close(a, e, dtype=torch.float32, msg=name) if e.is_floating_point() else torch.equal(a, e)
-    got_b = emu.backward(dy, x, w, b, res, want[1], want[2], True, True, [True] * 4)
-    want_b = cpu.backward(dy, x, w, b, res, want[1], want[2], True, True, [True] * 4)
+    got_b = emu.backward(dy, x, w, b, want[0], want[1], want[2], True, True, [True] * 4)
+    want_b = cpu.backward(dy, x, w, b, want[0], want[1], want[2], True, True, [True] * 4)
     for a, e, name in zip(got_b, want_b, BWD_NAMES):
         assert_close(a, e, msg=name)
     assert_close(emu.forward_eval(x, w, b, res, rm, rv, 1e-5, True), cpu.forward_eval(x, w, b, res, rm, rv, 1e-5, True))
@@ -421,9 +424,10 @@ def test_grad_output_in_another_layout(emu, cpu, path):
     dy = make((4, 8, 3, 3), torch.float32, "contiguous", 1.0, 0.0)
     res = make((4, 8, 3, 3), torch.float32, "contiguous", 1.0, 0.0)
     w, b, _, _ = params(8, torch.float32)
-    _, mean, invstd = cpu.forward_train(x, w, b, res, None, None, None, 0.1, 1e-5, True)
-    got = emu.backward(dy, x, w, b, res, mean, invstd, True, True, [True] * 4)
-    want = cpu.backward(dy, x, w, b, res, mean, invstd, True, True, [True] * 4)
+    y, mean, invstd = cpu.forward_train(x, w, b, res, None, None, None, 0.1, 1e-5, True)
+    y = y.contiguous()  # the forward's output, in another layout than x too
+    got = emu.backward(dy, x, w, b, y, mean, invstd, True, True, [True] * 4)
+    want = cpu.backward(dy, x, w, b, y, mean, invstd, True, True, [True] * 4)
     assert_same_results(got, want, torch.float32, BWD_NAMES)
     assert got[0].is_contiguous(memory_format=torch.channels_last)
 
