@@ -16,7 +16,8 @@
 //                         (FusedBlocks, kernels.h) reduced and then differentiated from cache, by one thread
 //                         (many channels; it prefetches its next block meanwhile) or by all (channel-major).
 // Outputs larger than half the last-level cache are written with non-temporal stores (stream_output). Run tails take
-// the vector path with masked loads and stores (VecIO), so a 14x14 plane is no slower per value than a 16x16 one.
+// the vector path with masked loads and stores (VecIO); normalize takes planes that are not a whole number of vectors
+// (7x7, 14x14) as one run per thread (PlaneRanges), with no tail per plane.
 // Parallelisation (at::parallel_for over work items, both layouts): reductions use tiles of (run group ×
 // channel block × position chunk) cut from the shape alone, elementwise ops (plane, chunk) items or row
 // ranges, so a (20, 6, 65536) and a (32, 2048, 7, 7) input both feed every thread. Reductions write per-tile
@@ -81,10 +82,11 @@ inline void stream_fence(bool stream) {
 }
 
 // The first count (< a vector) elements of a 16-bit vector: run tails. AVX-512 has masked 16-bit loads and stores.
-// ATen's 256-bit and scalar 16-bit vectors copy a partial count through memcpy, a library call per run tail, and a
-// copy through a local buffer stalls on store-to-load forwarding; either made a float16 7x7 NCHW normalize 2-2.6x
-// slower than torch's. The 256-bit versions below stay in registers: a masked load of whole 32-bit pairs and the
-// odd last element blended in; a store in power-of-two pieces from the register.
+// ATen's 256-bit and scalar 16-bit vectors copy a partial count through memcpy, a library call per run tail (a
+// float16 7x7 NCHW normalize ran 2.6x slower than torch's so), and a copy through a local buffer stalls on
+// store-to-load forwarding (a third of that normalize's time in perf). The 256-bit versions below stay in
+// registers: a masked load of whole 32-bit pairs and the odd last element blended in; a store in power-of-two
+// pieces from the register.
 #if defined(CPU_CAPABILITY_AVX2)
 template <typename scalar_t>
 C10_ALWAYS_INLINE Vectorized<scalar_t> load_prefix_16bit(const scalar_t* p, int64_t count) {
@@ -741,11 +743,7 @@ void elementwise_runs(const Geometry& g, bool stream, F&& f) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Normalize: one contiguous run of n elements whose coefficients come from Coef (plane or row).
-// The elementwise passes prefetch their inputs kPrefetchBytes ahead, into the next runs of the thread's share
-// (alternating runs on the 2-core EPYC: eval channels_last 32x2048x7x7 0.88 -> 0.67 ms, 32x256x14x14
-// 0.25 -> 0.18 ms, median of 4).
-// One vector step of normalize: elements [i, i + count) of a run.
+// Normalize, one vector step: elements [i, i + count) of a run.
 template <typename scalar_t, bool kResidual, bool kRelu, typename Coef>
 C10_ALWAYS_INLINE void normalize_vector(const scalar_t* x, const scalar_t* res, scalar_t* y, int64_t i, int64_t count,
                                         const Coef& mean, const Coef& scale, const Coef& shift, bool stream) {
@@ -766,6 +764,10 @@ C10_ALWAYS_INLINE void normalize_vector(const scalar_t* x, const scalar_t* res, 
   IO::store(y + i, v, stream, count);
 }
 
+// Normalize: one contiguous run of n elements whose coefficients come from Coef (plane or row).
+// The elementwise passes prefetch their inputs kPrefetchBytes ahead, into the next runs of the thread's share
+// (alternating runs on the 2-core EPYC: eval channels_last 32x2048x7x7 0.88 -> 0.67 ms, 32x256x14x14
+// 0.25 -> 0.18 ms, median of 4).
 template <typename scalar_t, bool kResidual, bool kRelu, typename Coef>
 inline void normalize_run(const scalar_t* x, const scalar_t* res, scalar_t* y, int64_t n, const Coef& mean,
                           const Coef& scale, const Coef& shift, bool stream, int64_t prefetch_ahead) {
