@@ -703,14 +703,14 @@ struct PlaneRanges {
   }
 };
 
-// The coefficients of a vector whose first `split` lanes are in one channel and the others in the next.
-template <typename acc_t>
+// The coefficients of a vector (kParts acc_t vectors, as VecIO loads it) whose first `split` lanes are in one
+// channel and the others in the next.
+template <typename acc_t, int kParts>
 struct LaneSplit {
   using Vec = Vectorized<acc_t>;
-  static constexpr int kMaxParts = 2;
-  Vec first[kMaxParts];  // per part: all-ones where the lane is in the first channel
+  Vec first[kParts];  // per part: all-ones where the lane is in the first channel
   explicit LaneSplit(int64_t split) {
-    for (int q = 0; q < kMaxParts; ++q) first[q] = Vec::arange(acc_t(q * Vec::size()), acc_t(1)) < Vec(acc_t(split));
+    for (int q = 0; q < kParts; ++q) first[q] = Vec::arange(acc_t(q * Vec::size()), acc_t(1)) < Vec(acc_t(split));
   }
   struct Coef {
     const Vec* first;
@@ -800,7 +800,7 @@ void normalize_impl(const NormalizeArgs<scalar_t>& a) {
                                                        PlaneCoef<acc_t>(a.scale[c]), PlaneCoef<acc_t>(a.shift[c]),
                                                        stream);
         } else {
-          const LaneSplit<acc_t> lanes(split);
+          const LaneSplit<acc_t, VecIO<scalar_t>::kParts> lanes(split);
           normalize_vector<scalar_t, kResidual, kRelu>(
               x, res, y, i, count, lanes.coef(a.mean[c], a.mean[next_c]), lanes.coef(a.scale[c], a.scale[next_c]),
               lanes.coef(a.shift[c], a.shift[next_c]), stream);
