@@ -277,20 +277,23 @@ def test_output_layout(shape, fmt, dtype, training):
         assert y.stride() == F.batch_norm(x, running_mean, running_var, weight, bias, training).stride()
 
 
-def check_training_step(shape, dtype, fmt, use_residual, relu, param_dtype=torch.float32):
-    """One training forward and backward with the given epilogue match torch: output, running statistics, grads."""
+def check_training_step(shape, dtype, fmt, use_residual, relu, param_dtype=torch.float32, training=True):
+    """One forward and backward with the given epilogue match torch: output, running statistics, grads."""
     x0 = make_input(shape, dtype, fmt)
     w0, b0, running_mean, running_var = make_params(shape[1], param_dtype)
     r0 = make_like(x0) if use_residual else None
     dy = make_like(x0)
     x, weight, bias, residual = leaf(x0), leaf(w0), leaf(b0), leaf(r0)
     rm, rv = running_mean.clone(), running_var.clone()
-    y = bn(x, rm, rv, weight, bias, True, residual=residual, activation=_activation(relu))
+    y = bn(x, rm, rv, weight, bias, training, residual=residual, activation=_activation(relu))
     y.backward(dy)
-    ref = reference_with_grads(x0, running_mean, running_var, w0, b0, True, MOMENTUM, EPS, dy, r0, relu)
+    ref = reference_with_grads(x0, running_mean, running_var, w0, b0, training, MOMENTUM, EPS, dy, r0, relu)
     assert_close(y, ref.y, msg="output")
-    assert_close(rm, ref.running_mean, msg="running_mean")
-    assert_close(rv, ref.running_var, msg="running_var")
+    if training:
+        assert_close(rm, ref.running_mean, msg="running_mean")
+        assert_close(rv, ref.running_var, msg="running_var")
+    else:
+        assert torch.equal(rm, running_mean) and torch.equal(rv, running_var)
     assert_grads_close({"input": x.grad, "weight": weight.grad, "bias": bias.grad,
                         "residual": None if residual is None else residual.grad}, ref)
 
@@ -333,6 +336,23 @@ TILINGS = [((3, 2, 70, 70), "contiguous"), ((2, 16, 70, 70), "contiguous"), ((2,
 def test_reduction_tilings(shape, fmt, dtype, use_residual, relu):
     """Statistics and backward sums over many tiles, merged in a fixed order, match torch."""
     check_training_step(shape, dtype, fmt, use_residual, relu,
+                        param_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+# Rows whose channel count is not a multiple of the vector width: the CPU kernels take runs of several rows
+# (rows_per_run in csrc/cpu/kernels_impl.h), then the rows left over as one shorter run; fewer rows than one run;
+# a tall (N, C) with enough rows for several reduction tiles and a leftover.
+ROW_RUNS = [((4, 6, 9, 7), "channels_last"), ((3, 24, 5, 7), "channels_last"), ((2, 3, 11, 13), "channels_last"),
+            ((1, 6, 1, 5), "channels_last"), ((2, 40, 13, 17), "channels_last"), ((70003, 6), "contiguous")]
+
+
+@pytest.mark.parametrize("use_residual,relu", EPILOGUES)
+@pytest.mark.parametrize("training", TRAINING)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=["f32", "f16", "bf16", "f64"])
+@pytest.mark.parametrize("shape,fmt", ROW_RUNS, ids=[f"{'x'.join(map(str, s))}-{f}" for s, f in ROW_RUNS])
+def test_rows_not_a_whole_number_of_vectors(shape, fmt, dtype, training, use_residual, relu):
+    check_training_step(shape, dtype, fmt, use_residual, relu, training=training,
                         param_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
 
 

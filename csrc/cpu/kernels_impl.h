@@ -17,7 +17,8 @@
 //                         (many channels; it prefetches its next block meanwhile) or by all (channel-major).
 // Outputs larger than half the last-level cache are written with non-temporal stores (stream_output). Run tails take
 // the vector path with masked loads and stores (VecIO); normalize takes planes that are not a whole number of vectors
-// (7x7, 14x14) as one run per thread (PlaneRanges), with no tail per plane.
+// (7x7, 14x14) as one run per thread (PlaneRanges), with no tail per plane; rows of C channels (channels_last) are
+// taken rows_per_run at a time, a whole number of vectors, when C is not a multiple of the vector width.
 // Parallelisation (at::parallel_for over work items, both layouts): reductions use tiles of (run group ×
 // channel block × position chunk) cut from the shape alone, elementwise ops (plane, chunk) items or row
 // ranges, so a (20, 6, 65536) and a (32, 2048, 7, 7) input both feed every thread. Reductions write per-tile
@@ -45,8 +46,11 @@ constexpr int64_t kParallelMin = 32768;
 // normalize ran 10x slower so. Measured on the 2-core EPYC, alternating runs: backward NCHW 32x64x56x56 (25.7 MB
 // of dx) 1.73 -> 1.41 ms streaming, 32x128x28x28 (12.8 MB) 0.75 -> 0.68 ms; eval channels_last 32x256x14x14
 // (6.4 MB) 0.17 -> 0.11 ms.
+inline int64_t rows_per_run(int64_t C, int64_t W);
+template <int64_t W>
 inline bool stream_output(const Geometry& g, const at::Tensor& out) {
-  const int64_t run_bytes = (g.layout == Layout::kPlanes ? g.S : g.C) * int64_t(out.element_size());
+  const int64_t run = g.layout == Layout::kPlanes ? g.S : rows_per_run(g.C, W) * g.C;
+  const int64_t run_bytes = run * int64_t(out.element_size());
   return out.nbytes() > streaming_store_bytes() && run_bytes % 64 == 0 &&
          reinterpret_cast<uintptr_t>(out.data_ptr()) % 64 == 0;
 }
@@ -261,8 +265,22 @@ struct RunTile {
   int64_t stride;     // elements between runs
   int64_t runs;       // number of runs
   int64_t slot;       // partial slot: the tile's row of the [slot][C] partial arrays
-  int64_t L() const { return (c1 - c0) * len; }
+  int64_t reps = 1;   // kRows: rows per run (rows_per_run); position i is in channel c0 + (i / len) % (c1 - c0)
+  int64_t L() const { return (c1 - c0) * len * reps; }
 };
+
+// kRows runs of whole rows: rows_per_run(C, W) rows of C channels make a whole number of W-element vectors, so
+// channels_last with C not a multiple of the vector width (6, 24, 40) has no partial vector (or scalar loop) per
+// row: a reduction tile's run and an elementwise run are that many rows, their per-position values repeating
+// every C. 1 when C is a multiple of W, or when the rows needed would make a run longer than kMaxRun. On the
+// 2-core EPYC, float32 channels_last, fastbn's ops alone against one run per row (medians of 4 alternating
+// runs): (20, 6, 65536) forward-train 9.4 -> 3.2 ms, eval 3.3 -> 2.0 ms, backward 13.3 -> 4.9 ms, backward
+// with the ReLU mask recomputed 23.9 -> 6.5 ms; 32x24x112x112 forward-train 4.9 -> 3.5 ms, backward with ReLU
+// 12.9 -> 7.6 ms; 32x40x56x56 backward with ReLU 4.5 -> 2.5 ms.
+inline int64_t rows_per_run(int64_t C, int64_t W) {
+  const int64_t rows = W / std::gcd(C, W);
+  return rows * C <= kMaxRun ? rows : 1;
+}
 
 // Cuts a tensor of either layout into tiles; slot_count(slot) is the number of values per channel in a slot.
 struct RunTiles {
@@ -270,8 +288,11 @@ struct RunTiles {
   int64_t N, C, S;
   int64_t chunk, chunks;  // kPlanes: positions per run per channel, chunks per plane (kRows: 1, 1)
   int64_t cb, cblocks;    // channels per tile, channel blocks
-  int64_t G, groups;      // runs (samples or rows) per tile, run groups
-  explicit RunTiles(const Geometry& g) : layout(g.layout), N(g.N), C(g.C), S(g.S) {
+  int64_t G, groups;      // runs (samples, rows or rows_per_run rows) per tile, run groups
+  int64_t reps = 1;       // kRows tiles of whole rows: rows per run; the last N % reps rows are one more tile
+  int64_t tail = 0;
+  // width: the vector width of the kernels, for rows_per_run.
+  RunTiles(const Geometry& g, int64_t width) : layout(g.layout), N(g.N), C(g.C), S(g.S) {
     if (layout == Layout::kPlanes && S > kMaxRun) {  // one channel per tile, summed in registers
       chunk = plane_chunk(S, kMaxChannelRun);
       chunks = div_up(S, chunk);
@@ -290,31 +311,41 @@ struct RunTiles {
       G = div_up(N, groups);
       if (G >= min_runs || cb == cb_min) break;
     }
-    groups = div_up(N, G);
+    if (layout == Layout::kRows && cb == C && N >= rows_per_run(C, width)) {
+      reps = rows_per_run(C, width);
+      tail = N % reps;
+      G = div_up(G, reps);
+    }
+    groups = div_up(N / reps, G);
   }
   // Per-position buffer length; one-channel plane tiles need none.
-  int64_t max_L() const { return layout == Layout::kPlanes && cb == 1 ? 1 : cb * chunk; }
-  int64_t items() const { return groups * cblocks * chunks; }
-  int64_t slots() const { return groups * chunks; }
-  int64_t grain() const { return std::max<int64_t>(1, kParallelMin / (G * cb * chunk)); }
+  int64_t max_L() const { return layout == Layout::kPlanes && cb == 1 ? 1 : cb * chunk * reps; }
+  int64_t items() const { return groups * cblocks * chunks + (tail > 0); }
+  int64_t slots() const { return groups * chunks + (tail > 0); }
+  int64_t grain() const { return std::max<int64_t>(1, kParallelMin / (G * reps * cb * chunk)); }
   RunTile at(int64_t item) const {
+    if (tail > 0 && item == groups) {  // the rows after the last whole run, as one shorter run
+      return RunTile{0, C, 1, (N - tail) * C, C, 1, groups, tail};
+    }
     const int64_t k = item % chunks, rest = item / chunks;
     const int64_t cbi = rest % cblocks, g = rest / cblocks;
     const int64_t n0 = g * G, c0 = cbi * cb, s0 = k * chunk;
-    RunTile t{c0, std::min(C, c0 + cb), std::min(S, s0 + chunk) - s0, 0, 0, std::min(N, n0 + G) - n0,
-              g * chunks + k};
+    const int64_t runs = N / reps;
+    RunTile t{c0, std::min(C, c0 + cb), std::min(S, s0 + chunk) - s0, 0, 0, std::min(runs, n0 + G) - n0,
+              g * chunks + k, reps};
     if (layout == Layout::kPlanes) {
       t.base = (n0 * C + c0) * S + s0;
       t.stride = C * S;
     } else {
-      t.base = n0 * C + c0;
-      t.stride = C;
+      t.base = n0 * reps * C + c0;
+      t.stride = reps * C;
     }
     return t;
   }
   int64_t slot_count(int64_t slot) const {
-    const int64_t g = slot / chunks, k = slot % chunks;
-    return (std::min(N, g * G + G) - g * G) * (std::min(S, k * chunk + chunk) - k * chunk);
+    if (tail > 0 && slot == groups) return tail;
+    const int64_t g = slot / chunks, k = slot % chunks, runs = N / reps;
+    return (std::min(runs, g * G + G) - g * G) * reps * (std::min(S, k * chunk + chunk) - k * chunk);
   }
 };
 
@@ -365,10 +396,12 @@ inline void with_vector_count(int64_t n, F&& f) {
   }(std::make_integer_sequence<int, Max>{});
 }
 
-// Expands a per-channel value over a tile's positions: out[i] = f(c0 + i / len).
+// Expands a per-channel value over a tile's positions: out[i] = f(c0 + (i / len) % (c1 - c0)).
 template <typename acc_t, typename F>
 inline void expand_channels(const RunTile& t, acc_t* out, F&& f) {
+  const int64_t row = (t.c1 - t.c0) * t.len;
   for (int64_t j = 0; j < t.c1 - t.c0; ++j) std::fill(out + j * t.len, out + (j + 1) * t.len, f(t.c0 + j));
+  for (int64_t r = 1; r < t.reps; ++r) std::copy(out, out + row, out + r * row);
 }
 
 // Σ of a tile position range in double (a channel's positions after the runs are summed).
@@ -399,6 +432,9 @@ inline void channel_sums(const RunTile& t, const acc_t* p, double* out) {
   const int64_t channels = t.c1 - t.c0;
   if (t.len == 1) {
     for (int64_t j = 0; j < channels; ++j) out[j] = double(p[j]);
+    for (int64_t r = 1; r < t.reps; ++r) {
+      for (int64_t j = 0; j < channels; ++j) out[j] += double(p[r * channels + j]);
+    }
   } else {
     for (int64_t j = 0; j < channels; ++j) out[j] = position_sum(p + j * t.len, t.len);
   }
@@ -503,7 +539,7 @@ void stats_tile(const scalar_t* x, const RunTile& t, StatsBuffers<at::opmath_typ
   constexpr int P = IO::kParts;
   constexpr int64_t V = IO::kVec, W = IO::kWidth;
   const int64_t L = t.L();
-  const double inv_n = 1.0 / double(t.runs * t.len);
+  const double inv_n = 1.0 / double(t.runs * t.len * t.reps);
   const auto fold = [&](int64_t j, double k, double s, double s2) {
     out_mean[j] = k + s * inv_n;
     const double m2 = s2 - s * (s * inv_n);
@@ -621,7 +657,7 @@ template <typename scalar_t>
 void stats(const StatsArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
-  const RunTiles rt(a.geom);
+  const RunTiles rt(a.geom, VecIO<scalar_t>::kWidth);
   const int64_t C = rt.C;
   // Partials in double: a tile mean of 1e4 + randn data rounded to float would lose the digits the merge needs.
   std::vector<double> part_mean(rt.slots() * C), part_m2(rt.slots() * C);
@@ -720,26 +756,41 @@ struct LaneSplit {
   Coef coef(acc_t in_first, acc_t in_next) const { return {first, Vec(in_first), Vec(in_next)}; }
 };
 
-// Runs an elementwise pass in parallel: f(offset, length, coef) for every contiguous run (a chunk of a plane on
-// kPlanes, a row on kRows), coef(array) giving the run's view of a per-channel acc_t array. Non-temporal stores
+// Runs an elementwise pass in parallel: f(offset, length, coefs) for every contiguous run (a chunk of a plane on
+// kPlanes, rows_per_run(C, W) rows on kRows), coefs[j] being the run's view of the per-channel acc_t array
+// arrays[j] (kRows runs of several rows read copies of the arrays repeated over the run). Non-temporal stores
 // (stream) are fenced at the end of each thread's share.
-template <typename acc_t, typename F>
-void elementwise_runs(const Geometry& g, bool stream, F&& f) {
+template <typename acc_t, int64_t W, size_t K, typename F>
+void elementwise_runs(const Geometry& g, bool stream, const std::array<const acc_t*, K>& arrays, F&& f) {
   if (g.layout == Layout::kPlanes) {
     const PlaneChunks pc(g);
     at::parallel_for(0, pc.items, pc.grain(), [&](int64_t begin, int64_t end) {
       pc.visit(begin, end, [&](int64_t off, int64_t n, int64_t c) {
-        f(off, n, [c](const acc_t* v) { return PlaneCoef<acc_t>(v[c]); });
+        std::array<PlaneCoef<acc_t>, K> coefs = [&]<size_t... J>(std::index_sequence<J...>) {
+          return std::array<PlaneCoef<acc_t>, K>{PlaneCoef<acc_t>(arrays[J][c])...};
+        }(std::make_index_sequence<K>{});
+        f(off, n, coefs);
       });
       stream_fence(stream);
     });
-  } else {
-    const int64_t C = g.C;
-    at::parallel_for(0, g.N, std::max<int64_t>(1, kParallelMin / C), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) f(r * C, C, [](const acc_t* v) { return RowCoef<acc_t>(v); });
-      stream_fence(stream);
-    });
+    return;
   }
+  const int64_t C = g.C, rows = rows_per_run(C, W), run = rows * C, total = g.N * C;
+  std::vector<acc_t> repeated(rows > 1 ? K * run : 0);
+  std::array<RowCoef<acc_t>, K> coefs = [&]<size_t... J>(std::index_sequence<J...>) {
+    return std::array<RowCoef<acc_t>, K>{RowCoef<acc_t>(arrays[J])...};
+  }(std::make_index_sequence<K>{});
+  if (rows > 1) {
+    for (size_t j = 0; j < K; ++j) {
+      acc_t* out = repeated.data() + j * run;
+      for (int64_t r = 0; r < rows; ++r) std::copy(arrays[j], arrays[j] + C, out + r * C);
+      coefs[j] = RowCoef<acc_t>(out);
+    }
+  }
+  at::parallel_for(0, div_up(g.N, rows), std::max<int64_t>(1, kParallelMin / run), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) f(i * run, std::min(run, total - i * run), coefs);
+    stream_fence(stream);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -786,7 +837,7 @@ void normalize_impl(const NormalizeArgs<scalar_t>& a) {
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
   const scalar_t* res = kResidual ? a.residual->template data_ptr<scalar_t>() : nullptr;
   scalar_t* y = a.y->template data_ptr<scalar_t>();
-  const bool stream = stream_output(a.geom, *a.y);
+  const bool stream = stream_output<VecIO<scalar_t>::kWidth>(a.geom, *a.y);
   if (PlaneRanges<VecIO<scalar_t>::kWidth>::fits(a.geom)) {
     const PlaneRanges<VecIO<scalar_t>::kWidth> ranges(a.geom);
     at::parallel_for(0, ranges.planes, ranges.grain(), [&](int64_t begin, int64_t end) {
@@ -810,10 +861,11 @@ void normalize_impl(const NormalizeArgs<scalar_t>& a) {
     });
     return;
   }
-  elementwise_runs<acc_t>(a.geom, stream, [&](int64_t off, int64_t n, auto coef) {
-    normalize_run<scalar_t, kResidual, kRelu>(x + off, kResidual ? res + off : nullptr, y + off, n, coef(a.mean),
-                                              coef(a.scale), coef(a.shift), stream, kPrefetchElements<scalar_t>);
-  });
+  elementwise_runs<acc_t, VecIO<scalar_t>::kWidth, 3>(
+      a.geom, stream, {a.mean, a.scale, a.shift}, [&](int64_t off, int64_t n, const auto& coef) {
+        normalize_run<scalar_t, kResidual, kRelu>(x + off, kResidual ? res + off : nullptr, y + off, n, coef[0],
+                                                  coef[1], coef[2], stream, kPrefetchElements<scalar_t>);
+      });
 }
 
 template <typename scalar_t>
@@ -836,7 +888,7 @@ void forward_fused_impl(const FusedForwardArgs<scalar_t>& a) {
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
   const scalar_t* res = kResidual ? a.residual->template data_ptr<scalar_t>() : nullptr;
   scalar_t* y = a.y->template data_ptr<scalar_t>();
-  const bool stream = stream_output(a.geom, *a.y);
+  const bool stream = stream_output<VecIO<scalar_t>::kWidth>(a.geom, *a.y);
   const int64_t grain = N * C * S < kParallelMin ? a.blocks.blocks : 1;
   at::parallel_for(0, a.blocks.blocks, grain, [&](int64_t begin, int64_t end) {
     StatsBuffers<acc_t> buf(cb == 1 ? 1 : cb * chunk);  // one-channel tiles sum in registers
@@ -1093,7 +1145,7 @@ void sum_slots(const ReduceArgs<scalar_t>& a, int64_t slots, const double* part_
 template <typename scalar_t, bool kOutputMask, bool kRelu>
 void backward_reduce_impl(const ReduceArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
-  const RunTiles rt(a.geom);
+  const RunTiles rt(a.geom, VecIO<scalar_t>::kWidth);
   const int64_t C = rt.C;
   std::vector<double> part_g(rt.slots() * C), part_gx(rt.slots() * C);
 
@@ -1179,7 +1231,7 @@ struct BackwardData {
         y(e.output != nullptr ? e.output->template data_ptr<scalar_t>() : nullptr),
         dx(e.dx != nullptr ? e.dx->template data_ptr<scalar_t>() : nullptr),
         gout(e.g_out != nullptr ? e.g_out->template data_ptr<scalar_t>() : nullptr),
-        stream(stream_output(e.geom, e.dx != nullptr ? *e.dx : *e.g_out)) {}
+        stream(stream_output<VecIO<scalar_t>::kWidth>(e.geom, e.dx != nullptr ? *e.dx : *e.g_out)) {}
   template <bool kOutputMask, bool kRelu, bool kTrain, typename Coef>
   C10_ALWAYS_INLINE void run(int64_t off, int64_t n, const Coef& mean, const Coef& scale, const Coef& shift,
                              const Coef& k, const Coef& p, const Coef& q, int64_t prefetch_ahead) const {
@@ -1195,10 +1247,12 @@ void backward_elementwise_impl(const ElementwiseArgs<scalar_t>& a) {
   const BackwardData<scalar_t> d(a);
   const acc_t* p_arr = kTrain ? a.p : a.k;  // p, q unused when !kTrain
   const acc_t* q_arr = kTrain ? a.q : a.k;
-  elementwise_runs<acc_t>(a.geom, d.stream, [&](int64_t off, int64_t n, auto coef) {
-    d.template run<kOutputMask, kRelu, kTrain>(off, n, coef(a.mean), coef(a.scale), coef(a.shift), coef(a.k),
-                                               coef(p_arr), coef(q_arr), kPrefetchElements<scalar_t>);
-  });
+  elementwise_runs<acc_t, VecIO<scalar_t>::kWidth, 6>(
+      a.geom, d.stream, {a.mean, a.scale, a.shift, a.k, p_arr, q_arr},
+      [&](int64_t off, int64_t n, const auto& coef) {
+        d.template run<kOutputMask, kRelu, kTrain>(off, n, coef[0], coef[1], coef[2], coef[3], coef[4], coef[5],
+                                                   kPrefetchElements<scalar_t>);
+      });
 }
 
 template <typename scalar_t>
@@ -1275,7 +1329,7 @@ void backward_channel_major_impl(const FusedBackwardArgs<scalar_t>& a) {
   const Geometry& geom = r.geom;
   const int64_t C = geom.C, m = geom.per_channel();
   const BackwardData<scalar_t> d(e);
-  const RunTiles rt(geom);
+  const RunTiles rt(geom, VecIO<scalar_t>::kWidth);  // kPlanes: whole runs of one sample
   const int64_t block_items = rt.groups * rt.chunks;  // items of one channel block, (group, chunk) pairs
   std::vector<double> part_g(rt.slots() * C), part_gx(rt.slots() * C);
   std::vector<acc_t> p(C), q(C);

@@ -32,6 +32,7 @@
 #include <functional>
 #include <iostream>
 #include <limits>
+#include <numeric>
 #include <ostream>
 #include <tuple>
 #include <type_traits>
