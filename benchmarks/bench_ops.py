@@ -223,6 +223,12 @@ class Inputs:
                                + (0 if r is None else r)) for x, r in zip(self.x, rs)]
         return self._get(("y", residual), make)
 
+    def relu_outputs_like_x(self, residual):
+        """relu_outputs in x's memory layout, as fastbn's forward returns them (torch's CPU batch_norm makes a
+        3-D input with channels-last strides contiguous)."""
+        return self._get(("y_like_x", residual), lambda: [torch.empty_like(x).copy_(y) for x, y in
+                                                           zip(self.x, self.relu_outputs(residual))])
+
 
 @dataclass
 class Op:
@@ -248,7 +254,8 @@ def backward_args(relu, residual):
         if impl == "torch":
             return [(node, dy) + ((y,) if relu else ()) for node, dy, y in zip(inp.torch_nodes(), inp.dy, ys)]
         if impl == "fastbn":
-            masks = ys if residual else [None] * inp.copies  # without a residual, fastbn recomputes the mask
+            # Without a residual, fastbn recomputes the mask from x.
+            masks = inp.relu_outputs_like_x(residual) if residual else [None] * inp.copies
             return [(dy, x, inp.w, inp.b, y, mean, invstd, relu)
                     for dy, x, y, (mean, invstd) in zip(inp.dy, inp.x, masks, inp.fastbn_stats())]
         return [(dy,) + ((y,) if relu else ()) + (x, inp.w, inp.rm, inp.rv, sm, si)

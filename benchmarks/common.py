@@ -22,9 +22,10 @@ if (os.cpu_count() or 1) <= 4:
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
 # `python benchmarks/bench_ops.py` puts benchmarks/ on sys.path, not the root: add it so `import fastbn`
-# finds the checkout (which JIT-builds the extension on first import) when fastbn is not installed.
+# finds the checkout (which JIT-builds the extension on first import) when fastbn is not installed. Added last,
+# so a PYTHONPATH naming another build of fastbn (an A/B of two checkouts) and an installed fastbn come first.
 if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+    sys.path.append(REPO_ROOT)
 
 import torch  # noqa: E402
 from torch.utils.benchmark import Measurement, Timer  # noqa: E402
@@ -118,11 +119,11 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
-def git_revision():
+def git_revision(folder):
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True,
                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return rev + ("-dirty" if dirty else "") if rev else None
     except (OSError, subprocess.SubprocessError):
@@ -140,7 +141,9 @@ def device_info(device, fastbn_module=None):
         "python": platform.python_version(),
         "platform": platform.platform(),
         "fastbn": getattr(fastbn_module, "__version__", None),
-        "git": git_revision(),
+        "fastbn_path": getattr(fastbn_module, "__file__", None),
+        # The revision of the checkout that fastbn was imported from (None for an installed package).
+        "git": git_revision(os.path.dirname(os.path.abspath(fastbn_module.__file__))) if fastbn_module else None,
         "last_level_cache_MB": round(last_level_cache_bytes(device) / 2**20, 1),
     }
     if device.type == "cuda":
