@@ -149,14 +149,6 @@ void normalize(const NormalizeArgs<scalar_t>& a) {
   });
 }
 
-// g: dy masked where relu and the forward's output y (when given) or else the pre-activation recomputed with
-// normalize's arithmetic is not > 0.
-template <typename acc_t>
-inline acc_t masked_grad(acc_t dy, acc_t xmu, acc_t scale, acc_t shift, bool relu, bool has_y, acc_t y) {
-  if (!relu) return dy;
-  return (has_y ? y : pre_activation(xmu, scale, shift)) > acc_t(0) ? dy : acc_t(0);
-}
-
 template <typename scalar_t>
 void backward_reduce(const ReduceArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;

@@ -950,14 +950,6 @@ inline T masked(T dy, T xmu, T scale, T shift, T y) {
     return dy;
   }
 }
-template <typename T, bool kOutputMask, bool kRelu>
-inline T masked_scalar(T dy, T xmu, T scale, T shift, T y) {
-  if constexpr (kRelu) {
-    return (kOutputMask ? y : pre_activation(xmu, scale, shift)) > T(0) ? dy : T(0);
-  } else {
-    return dy;
-  }
-}
 
 // Per-tile buffers of the backward reduction: mean (and scale, shift for a recomputed mask) expanded per position,
 // and the two per-position sums.
@@ -1020,8 +1012,8 @@ void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
         },
         [&](int64_t o, acc_t& sg, acc_t& sgx) {
           const acc_t xmu = acc_t(x[o]) - mean;
-          const acc_t g = masked_scalar<acc_t, kOutputMask, kRelu>(acc_t(dy[o]), xmu, scale, shift,
-                                                                   kOutputMask ? acc_t(y[o]) : acc_t(0));
+          const acc_t g = masked_grad(acc_t(dy[o]), xmu, scale, shift, kRelu, kOutputMask,
+                                      kOutputMask ? acc_t(y[o]) : acc_t(0));
           sg += g;
           sgx += g * xmu;
         },
@@ -1106,9 +1098,9 @@ void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
         for (int j = 0; j < G; ++j) {
           const int64_t o = off + j * t.stride + i;
           const acc_t xmu = acc_t(x[o]) - mean_p[i];
-          const acc_t g = masked_scalar<acc_t, kOutputMask, kRelu>(
-              acc_t(dy[o]), xmu, kRecompute ? scale_p[i] : acc_t(0), kRecompute ? shift_p[i] : acc_t(0),
-              kOutputMask ? acc_t(y[o]) : acc_t(0));
+          const acc_t g = masked_grad(acc_t(dy[o]), xmu, kRecompute ? scale_p[i] : acc_t(0),
+                                      kRecompute ? shift_p[i] : acc_t(0), kRelu, kOutputMask,
+                                      kOutputMask ? acc_t(y[o]) : acc_t(0));
           sum_g[i] += g;
           sum_gx[i] += g * xmu;
         }

@@ -19,6 +19,15 @@ inline T pre_activation(T x_minus_mean, T scale, T shift) {
   return x_minus_mean * scale + shift;
 }
 
+// The backward's g for one value: dy, masked where relu and the forward's output y (when has_y) or else the
+// pre-activation recomputed with normalize's arithmetic is not > 0 (torch's threshold_backward). The vector
+// kernels pass relu and has_y as compile-time constants.
+template <typename T>
+inline T masked_grad(T dy, T xmu, T scale, T shift, bool relu, bool has_y, T y) {
+  if (!relu) return dy;
+  return (has_y ? y : pre_activation(xmu, scale, shift)) > T(0) ? dy : T(0);
+}
+
 // torch.relu: values < 0 become 0, NaN stays NaN.
 template <typename T>
 inline T relu_scalar(T v) {
