@@ -193,13 +193,7 @@ def apply_defaults(args_, device):
 
 def main(argv=None):
     args_ = parse_args(argv)
-    device = common.pick_device(args_.device)
-    apply_defaults(args_, device)
-    if args_.threads:
-        torch.set_num_threads(args_.threads)
-    allocator = "caching allocator" if device.type == "cuda" else (
-        "system allocator" if args_.system_malloc else common.tune_cpu_allocator())
-    fastbn = common.import_fastbn()
+    device, allocator, fastbn = common.start(args_, apply_defaults)
     started = time.perf_counter()
     info = common.device_info(device, fastbn)
 

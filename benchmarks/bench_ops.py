@@ -671,13 +671,7 @@ def compile_note(args_):
 
 def main(argv=None):
     args_ = parse_args(argv)
-    device = common.pick_device(args_.device)
-    apply_defaults(args_, device)
-    if args_.threads:
-        torch.set_num_threads(args_.threads)
-    allocator = "caching allocator" if device.type == "cuda" else (
-        "system allocator" if args_.system_malloc else common.tune_cpu_allocator())
-    fastbn = common.import_fastbn()
+    device, allocator, fastbn = common.start(args_, apply_defaults)
     started = time.perf_counter()
     cache_bytes = common.last_level_cache_bytes(device)
     copy_bw_start = common.copy_bandwidth(device, cache_bytes, 0.3)

@@ -42,6 +42,21 @@ def import_fastbn():
     return fastbn
 
 
+def start(args_, apply_defaults):
+    """The setup both benchmarks begin with: (device, allocator description, fastbn module).
+
+    Picks the device, fills the device-dependent defaults (apply_defaults(args_, device)), sets the thread count,
+    tunes the CPU allocator (unless --system-malloc) and imports fastbn.
+    """
+    device = pick_device(args_.device)
+    apply_defaults(args_, device)
+    if args_.threads:
+        torch.set_num_threads(args_.threads)
+    allocator = "caching allocator" if device.type == "cuda" else (
+        "system allocator" if args_.system_malloc else tune_cpu_allocator())
+    return device, allocator, import_fastbn()
+
+
 def pick_device(requested):
     """torch.device from --device, or cuda when a GPU is visible, else cpu."""
     if requested:
