@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CI: builds the CUDA extension with nvcc against a CUDA build of torch (no GPU needed), fails on register
-# spills in any kernel, imports it and checks that every torch.ops.fastbn op has a CUDA kernel.
+# spills over .ci/ptxas_spills.sh's limit in any kernel, imports it and checks that every torch.ops.fastbn op has
+# a CUDA kernel.
 #
 # Environment: CUDA_HOME (default /usr/local/cuda; the step is skipped, with a message, when it has no nvcc),
 # TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS (default 2), FASTBN_CUDA_VENV (a venv with the
@@ -43,15 +44,10 @@ start=$(date +%s)
 }
 echo "cuda_build: built in $(( $(date +%s) - start )) s"
 
-grep -E "ptxas (info|warning)|Compiling entry|Function properties" "$out/build.log" >"$out/ptxas.log" || true
-kernels=$(grep -c "Compiling entry function" "$out/ptxas.log" || true)
-echo "cuda_build: ptxas reports $kernels kernel compilations (summary: $out/ptxas.log)"
-if grep -qE "(^|[^0-9])[1-9][0-9]* bytes spill (stores|loads)" "$out/ptxas.log"; then
-  grep -B3 -E "(^|[^0-9])[1-9][0-9]* bytes spill (stores|loads)" "$out/ptxas.log" | head -n 60
+bash "$repo/.ci/ptxas_spills.sh" "$out/build.log" "$out/ptxas.log" | sed 's/^/cuda_build: /' || {
   echo "cuda_build: FAILED: register spills (see above)"
   exit 1
-fi
-echo "cuda_build: no register spills"
+}
 
 (cd "$work/src" && "$py" - <<'PY'
 import torch

@@ -62,8 +62,7 @@ if [[ "$gpu" == no-gpu ]]; then
   echo "== no GPU visible: no CUDA build; the steps run on the CPU with the fastbn already installed"
 elif wants build || ! built; then
   step build "$out/build.log" "$py" -m pip install --no-build-isolation --no-deps -v -e . || { echo "build failed"; exit 1; }
-  grep -E "ptxas (info|warning)|Compiling entry|Function properties" "$out/build.log" >"$out/ptxas.log" || true
-  if grep -qE "(^|[^0-9])[1-9][0-9]* bytes spill (stores|loads)" "$out/ptxas.log"; then echo "   WARNING: register spills (ptxas.log)"; fi
+  bash .ci/ptxas_spills.sh "$out/build.log" "$out/ptxas.log" | sed 's/^/   /' || echo "   WARNING: register spills (ptxas.log)"
 fi
 
 if wants tests; then
