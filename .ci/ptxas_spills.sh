@@ -9,8 +9,8 @@
 # nvcc 13 reports spills in 28 of fastbn's 240 compilations, 4 to 24 bytes of stores (60 of loads). In the SASS
 # (cuobjdump -sass) of normalize_rows_kernel<double> and stats_rows_kernel<Half> they are registers saved across
 # calls of slow-path subroutines (IEEE division, fp64 square root): STL/LDL around CALL.REL, in the Welford merges
-# and epilogues. persistent_backward_planes_kernel on 16-bit inputs spills two 4-byte values in its load loop
-# (128 registers used). A kernel short of registers for its work (a persistent kernel's slice of the tensor)
+# and epilogues. persistent_backward_planes_kernel on 16-bit inputs spills two 4-byte values early in the
+# kernel, before any call (128 registers used). A kernel short of registers for its work (a persistent kernel's slice of the tensor)
 # spills far more than SPILL_LIMIT. Until the build log's spill lines were kept (they are not prefixed with
 # "ptxas info"), this check saw no spills at all.
 set -euo pipefail
