@@ -277,7 +277,7 @@ def test_output_layout(shape, fmt, dtype, training):
         assert y.stride() == F.batch_norm(x, running_mean, running_var, weight, bias, training).stride()
 
 
-def check_training_step(shape, dtype, fmt, use_residual, relu, param_dtype=torch.float32, training=True):
+def check_step(shape, dtype, fmt, use_residual, relu, param_dtype=torch.float32, training=True):
     """One forward and backward with the given epilogue match torch: output, running statistics, grads."""
     x0 = make_input(shape, dtype, fmt)
     w0, b0, running_mean, running_var = make_params(shape[1], param_dtype)
@@ -304,7 +304,7 @@ def check_training_step(shape, dtype, fmt, use_residual, relu, param_dtype=torch
 @pytest.mark.parametrize("shape", [(8, 37, 15, 17), (2, 67, 9, 8)], ids=["8x37x15x17", "2x67x9x8"])
 def test_larger_shapes(shape, dtype, fmt, use_residual, relu):
     """Sizes past one SIMD vector and past a parallel grain, channel counts not a multiple of the width."""
-    check_training_step(shape, dtype, fmt, use_residual, relu)
+    check_step(shape, dtype, fmt, use_residual, relu)
 
 
 @pytest.mark.parametrize("use_residual", [False, True], ids=["bn", "add"])
@@ -314,7 +314,7 @@ def test_streamed_outputs(fmt, use_residual):
 
     No ReLU: among 8.5M values some pre-activation lies within rounding of 0, where torch's mask and ours may differ.
     """
-    check_training_step((4, 32, 256, 260), torch.float32, fmt, use_residual, False)
+    check_step((4, 32, 256, 260), torch.float32, fmt, use_residual, False)
 
 
 # Shapes that cut the CPU reductions (csrc/cpu/kernels_impl.h, RunTiles and FusedBlocks) into each kind of tile:
@@ -335,7 +335,7 @@ TILINGS = [((3, 2, 70, 70), "contiguous"), ((2, 16, 70, 70), "contiguous"), ((2,
 @pytest.mark.parametrize("shape,fmt", TILINGS, ids=[f"{'x'.join(map(str, s))}-{f}" for s, f in TILINGS])
 def test_reduction_tilings(shape, fmt, dtype, use_residual, relu):
     """Statistics and backward sums over many tiles, merged in a fixed order, match torch."""
-    check_training_step(shape, dtype, fmt, use_residual, relu,
+    check_step(shape, dtype, fmt, use_residual, relu,
                         param_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
 
 
@@ -352,7 +352,7 @@ ROW_RUNS = [((4, 6, 9, 7), "channels_last"), ((3, 24, 5, 7), "channels_last"), (
                          ids=["f32", "f16", "bf16", "f64"])
 @pytest.mark.parametrize("shape,fmt", ROW_RUNS, ids=[f"{'x'.join(map(str, s))}-{f}" for s, f in ROW_RUNS])
 def test_rows_not_a_whole_number_of_vectors(shape, fmt, dtype, training, use_residual, relu):
-    check_training_step(shape, dtype, fmt, use_residual, relu, training=training,
+    check_step(shape, dtype, fmt, use_residual, relu, training=training,
                         param_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
 
 
