@@ -10,14 +10,16 @@
 # (cuobjdump -sass) of normalize_rows_kernel<double> and stats_rows_kernel<Half> they are registers saved across
 # calls of slow-path subroutines (IEEE division, fp64 square root): STL/LDL around CALL.REL, in the Welford merges
 # and epilogues. persistent_backward_planes_kernel on 16-bit inputs spills two 4-byte values early in the
-# kernel, before any call (128 registers used). A kernel short of registers for its work (a persistent kernel's slice of the tensor)
-# spills far more than SPILL_LIMIT. Until the build log's spill lines were kept (they are not prefixed with
-# "ptxas info"), this check saw no spills at all.
+# kernel, before any call (128 registers used). A kernel short of registers for its work (a persistent kernel's
+# slice of the tensor) spills far more than SPILL_LIMIT. Until the build log's spill lines were kept (they are
+# not prefixed with "ptxas info"), this check saw no spills at all.
 set -euo pipefail
 build_log="$1" ptxas_log="$2"
 limit="${SPILL_LIMIT:-64}"
-grep -E "ptxas (info|warning)|Compiling entry|Function properties|bytes stack frame" "$build_log" >"$ptxas_log" || true
-echo "ptxas reports $(grep -c "Compiling entry function" "$ptxas_log" || true) kernel compilations (summary: $ptxas_log)"
+grep -E "ptxas (info|warning)|Compiling entry|Function properties|bytes stack frame" "$build_log" \
+  >"$ptxas_log" || true
+compilations=$(grep -c "Compiling entry function" "$ptxas_log" || true)
+echo "ptxas reports $compilations kernel compilations (summary: $ptxas_log)"
 awk -v limit="$limit" '
   /Compiling entry function/ { kernel = $0; sub(/.*function /, "", kernel) }
   /bytes spill stores/ {

@@ -41,7 +41,7 @@ constexpr int64_t kParallelMin = 32768;
 
 // Elementwise passes whose output is larger than streaming_store_bytes() (kernels.h) write it with non-temporal
 // stores: a plain store first reads each line it writes (read-for-ownership), a third stream of traffic, for data
-// that is evicted before anyone reads it again. Only outputs whose runs (planes or rows) all start on a cache line
+// that is evicted before anyone reads it again. Only outputs whose runs (planes, rows_per_run rows) all start on a line
 // stream: where runs end mid-line, the lines they share take plain stores beside streamed ones, and a 7x7 NCHW
 // normalize ran 10x slower so. Measured on the 2-core EPYC, alternating runs: backward NCHW 32x64x56x56 (25.7 MB
 // of dx) 1.73 -> 1.41 ms streaming, 32x128x28x28 (12.8 MB) 0.75 -> 0.68 ms; eval channels_last 32x256x14x14
@@ -289,8 +289,7 @@ struct RunTiles {
   int64_t chunk, chunks;  // kPlanes: positions per run per channel, chunks per plane (kRows: 1, 1)
   int64_t cb, cblocks;    // channels per tile, channel blocks
   int64_t G, groups;      // runs (samples, rows or rows_per_run rows) per tile, run groups
-  int64_t reps = 1;       // kRows tiles of whole rows: rows per run; the last N % reps rows are one more tile
-  int64_t tail = 0;
+  int64_t reps = 1;       // kRows tiles of whole rows: rows per run; the last tail() rows are one more tile
   // width: the vector width of the kernels, for rows_per_run.
   RunTiles(const Geometry& g, int64_t width) : layout(g.layout), N(g.N), C(g.C), S(g.S) {
     if (layout == Layout::kPlanes && S > kMaxRun) {  // one channel per tile, summed in registers
@@ -311,21 +310,22 @@ struct RunTiles {
       G = div_up(N, groups);
       if (G >= min_runs || cb == cb_min) break;
     }
-    if (layout == Layout::kRows && cb == C && N >= rows_per_run(C, width)) {
-      reps = rows_per_run(C, width);
-      tail = N % reps;
+    const int64_t rows = rows_per_run(C, width);
+    if (layout == Layout::kRows && cb == C && N >= rows) {
+      reps = rows;
       G = div_up(G, reps);
     }
     groups = div_up(N / reps, G);
   }
   // Per-position buffer length; one-channel plane tiles need none.
   int64_t max_L() const { return layout == Layout::kPlanes && cb == 1 ? 1 : cb * chunk * reps; }
-  int64_t items() const { return groups * cblocks * chunks + (tail > 0); }
-  int64_t slots() const { return groups * chunks + (tail > 0); }
+  int64_t tail() const { return N % reps; }
+  int64_t items() const { return groups * cblocks * chunks + (tail() > 0); }
+  int64_t slots() const { return groups * chunks + (tail() > 0); }
   int64_t grain() const { return std::max<int64_t>(1, kParallelMin / (G * reps * cb * chunk)); }
   RunTile at(int64_t item) const {
-    if (tail > 0 && item == groups) {  // the rows after the last whole run, as one shorter run
-      return RunTile{0, C, 1, (N - tail) * C, C, 1, groups, tail};
+    if (tail() > 0 && item == groups) {  // the rows after the last whole run, as one shorter run
+      return RunTile{0, C, 1, (N - tail()) * C, C, 1, groups, tail()};
     }
     const int64_t k = item % chunks, rest = item / chunks;
     const int64_t cbi = rest % cblocks, g = rest / cblocks;
@@ -343,7 +343,7 @@ struct RunTiles {
     return t;
   }
   int64_t slot_count(int64_t slot) const {
-    if (tail > 0 && slot == groups) return tail;
+    if (tail() > 0 && slot == groups) return tail();
     const int64_t g = slot / chunks, k = slot % chunks, runs = N / reps;
     return (std::min(runs, g * G + G) - g * G) * reps * (std::min(S, k * chunk + chunk) - k * chunk);
   }
