@@ -401,12 +401,6 @@ def test_output_changed_in_place_fails_the_backward_like_torch_relu():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
 @pytest.mark.parametrize("shape", [(8, 130, 7, 7), (3, 70, 14, 14)], ids=["8x130x7x7", "3x70x14x14"])
 def test_eval_planes_not_a_whole_number_of_vectors(shape, dtype, use_residual, relu):
-    """NCHW planes normalized as one run per thread: vectors straddling two planes (and the last channel and the
-    next sample's first), thread ranges starting mid-tensor, against the float64 reference."""
-    x = make_input(shape, dtype, "contiguous")
-    weight, bias, running_mean, running_var = make_params(shape[1], torch.float32)
-    residual = make_like(x) if use_residual else None
-    y = bn(x, running_mean, running_var, weight, bias, False, residual=residual, activation=_activation(relu))
-    y_ref, *_ = reference_batch_norm(x, running_mean, running_var, weight, bias, False, MOMENTUM, EPS, residual,
-                                     relu)
-    assert_close(y, y_ref)
+    """NCHW planes taken as one run per thread, forward and backward: vectors straddling two planes (and the last
+    channel and the next sample's first), thread ranges starting mid-tensor, against the float64 reference."""
+    check_step(shape, dtype, "contiguous", use_residual, relu, training=False)

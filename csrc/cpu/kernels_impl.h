@@ -706,11 +706,13 @@ struct PlaneChunks {
 };
 
 // kPlanes elementwise work over whole planes [begin, end) as one contiguous run of W-element vectors, for planes
-// at least a vector long whose length is not a multiple of one (7x7, 14x14): a vector that straddles two planes
-// takes the first `split` lanes' coefficients from one channel and the rest from the next, so only a range's last
-// vector is partial, where per-plane runs each ended in a partial vector (masked loads and stores) and paid a
-// plane's loop setup. Eval NCHW over torch (bench_ops, 2-core EPYC): 32x512x7x7 float32 0.85-0.96x per plane, 1.04x
-// so; float16 0.73-0.88x, 0.97x.
+// at least a vector long whose length is not a multiple of one (7x7, 14x14): the vectors inside a plane run as one
+// loop with that plane's coefficients, and the vector that straddles two planes takes its first `split` lanes'
+// coefficients from one channel and the rest from the next (LaneSplit). Only a range's last vector is partial,
+// where per-plane runs each ended in a partial vector (masked loads and stores) and paid a plane's loop setup.
+// Eval NCHW over torch (bench_ops, 2-core EPYC): 32x512x7x7 float32 0.85-0.96x per plane, 1.04x so; float16
+// 0.73-0.88x, 0.97x. A callback per vector (the plane bookkeeping in the loop) ran at a third of torch's speed hot
+// in cache: eval 32x256x14x14 float32 0.37 ms against torch's 0.13 (one loop per plane: see elementwise_runs).
 template <int64_t W>
 struct PlaneRanges {
   int64_t C, S, planes;
@@ -719,22 +721,23 @@ struct PlaneRanges {
     return g.layout == Layout::kPlanes && g.S >= W && g.S % W != 0 && g.S <= kSegment;
   }
   int64_t grain() const { return std::max<int64_t>(1, kParallelMin / S); }
-  // Calls f(i, count, c, next_c, split) per vector of the planes [begin, end): elements [i, i + count), the first
-  // split of them (all when split == count) in channel c, the others in channel next_c.
-  template <typename F>
-  void visit(int64_t begin, int64_t end, F&& f) const {
-    int64_t i = begin * S, plane_end = i + S, c = begin % C;
+  // Over the planes [begin, end): run(i, n, c) for elements [i, i + n) of channel c's plane, n a multiple of W but
+  // at the range's end, and split(i, c, next_c, lanes) for the vector [i, i + W) whose first `lanes` elements are in
+  // channel c and the others in next_c.
+  template <typename Run, typename Split>
+  void visit(int64_t begin, int64_t end, Run&& run, Split&& split) const {
     const int64_t last = end * S;
-    while (i < last) {
-      const int64_t count = std::min(W, last - i);
+    int64_t i = begin * S, c = begin % C;
+    for (int64_t plane_end = i + S; plane_end <= last; plane_end += S) {
+      const int64_t n = plane_end == last ? last - i : (plane_end - i) / W * W;
+      if (n > 0) run(i, n, c);
+      i += n;
       const int64_t next_c = c + 1 == C ? 0 : c + 1;
-      const int64_t in_plane = plane_end - i;
-      f(i, count, c, next_c, std::min(in_plane, count));
-      i += count;
-      if (i >= plane_end) {  // S >= W: a vector reaches at most one plane further
-        plane_end += S;
-        c = next_c;
+      if (i < plane_end) {  // S >= W: the vector ends in the next plane, which is in the range (plane_end < last)
+        split(i, c, next_c, plane_end - i);
+        i += W;
       }
+      c = next_c;
     }
   }
 };
@@ -758,10 +761,33 @@ struct LaneSplit {
 
 // Runs an elementwise pass in parallel: f(offset, length, coefs) for every contiguous run (a chunk of a plane on
 // kPlanes, rows_per_run(C, W) rows on kRows), coefs[j] being the run's view of the per-channel acc_t array
-// arrays[j] (kRows runs of several rows read copies of the arrays repeated over the run). Non-temporal stores
-// (stream) are fenced at the end of each thread's share.
+// arrays[j] (kRows runs of several rows read copies of the arrays repeated over the run). Planes that are not a
+// whole number of vectors (PlaneRanges) also call f(offset, W, coefs) for each vector that straddles two planes,
+// with LaneSplit coefficients. Non-temporal stores (stream) are fenced at the end of each thread's share.
 template <typename acc_t, int64_t W, size_t K, typename F>
 void elementwise_runs(const Geometry& g, bool stream, const std::array<const acc_t*, K>& arrays, F&& f) {
+  auto each = [&](auto&& make) {  // {make(arrays[0]), ...}
+    return [&]<size_t... J>(std::index_sequence<J...>) {
+      return std::array<decltype(make(arrays[0])), K>{make(arrays[J])...};
+    }(std::make_index_sequence<K>{});
+  };
+  if (PlaneRanges<W>::fits(g)) {
+    constexpr int kParts = static_cast<int>(W / Vectorized<acc_t>::size());
+    const PlaneRanges<W> ranges(g);
+    at::parallel_for(0, ranges.planes, ranges.grain(), [&](int64_t begin, int64_t end) {
+      ranges.visit(
+          begin, end,
+          [&](int64_t off, int64_t n, int64_t c) {
+            f(off, n, each([c](const acc_t* a) { return PlaneCoef<acc_t>(a[c]); }));
+          },
+          [&](int64_t off, int64_t c, int64_t next_c, int64_t lanes) {
+            const LaneSplit<acc_t, kParts> split(lanes);
+            f(off, W, each([&](const acc_t* a) { return split.coef(a[c], a[next_c]); }));
+          });
+      stream_fence(stream);
+    });
+    return;
+  }
   if (g.layout == Layout::kPlanes) {
     const PlaneChunks pc(g);
     at::parallel_for(0, pc.items, pc.grain(), [&](int64_t begin, int64_t end) {
@@ -838,29 +864,6 @@ void normalize_impl(const NormalizeArgs<scalar_t>& a) {
   const scalar_t* res = kResidual ? a.residual->template data_ptr<scalar_t>() : nullptr;
   scalar_t* y = a.y->template data_ptr<scalar_t>();
   const bool stream = stream_output<VecIO<scalar_t>::kWidth>(a.geom, *a.y);
-  if (PlaneRanges<VecIO<scalar_t>::kWidth>::fits(a.geom)) {
-    const PlaneRanges<VecIO<scalar_t>::kWidth> ranges(a.geom);
-    at::parallel_for(0, ranges.planes, ranges.grain(), [&](int64_t begin, int64_t end) {
-      // Inlined by force: gcc's call per vector made a float16 32x256x14x14 normalize take 0.30 ms instead of 0.16.
-      ranges.visit(begin, end, [&](int64_t i, int64_t count, int64_t c, int64_t next_c,
-                                   int64_t split) C10_ALWAYS_INLINE_ATTRIBUTE {
-        __builtin_prefetch(x + i + kPrefetchElements<scalar_t>);
-        if constexpr (kResidual) __builtin_prefetch(res + i + kPrefetchElements<scalar_t>);
-        if (split == count) {
-          normalize_vector<scalar_t, kResidual, kRelu>(x, res, y, i, count, PlaneCoef<acc_t>(a.mean[c]),
-                                                       PlaneCoef<acc_t>(a.scale[c]), PlaneCoef<acc_t>(a.shift[c]),
-                                                       stream);
-        } else {
-          const LaneSplit<acc_t, VecIO<scalar_t>::kParts> lanes(split);
-          normalize_vector<scalar_t, kResidual, kRelu>(
-              x, res, y, i, count, lanes.coef(a.mean[c], a.mean[next_c]), lanes.coef(a.scale[c], a.scale[next_c]),
-              lanes.coef(a.shift[c], a.shift[next_c]), stream);
-        }
-      });
-      stream_fence(stream);
-    });
-    return;
-  }
   elementwise_runs<acc_t, VecIO<scalar_t>::kWidth, 3>(
       a.geom, stream, {a.mean, a.scale, a.shift}, [&](int64_t off, int64_t n, const auto& coef) {
         normalize_run<scalar_t, kResidual, kRelu>(x + off, kResidual ? res + off : nullptr, y + off, n, coef[0],
