@@ -331,12 +331,14 @@ TILINGS = [((3, 2, 70, 70), "contiguous"), ((2, 16, 70, 70), "contiguous"), ((2,
 
 
 @pytest.mark.parametrize("use_residual,relu", [(False, False), (True, True)], ids=["bn", "add_relu"])
+@pytest.mark.parametrize("training", TRAINING)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["f32", "bf16", "f64"])
 @pytest.mark.parametrize("shape,fmt", TILINGS, ids=[f"{'x'.join(map(str, s))}-{f}" for s, f in TILINGS])
-def test_reduction_tilings(shape, fmt, dtype, use_residual, relu):
-    """Statistics and backward sums over many tiles, merged in a fixed order, match torch."""
+def test_reduction_tilings(shape, fmt, dtype, training, use_residual, relu):
+    """Statistics and backward sums over many tiles, merged in a fixed order, match torch; eval's backward takes
+    the same fused blocks for its weight and bias gradients."""
     check_step(shape, dtype, fmt, use_residual, relu,
-                        param_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+               param_dtype=torch.float64 if dtype == torch.float64 else torch.float32, training=training)
 
 
 # Rows whose channel count is not a multiple of the vector width: the CPU kernels take runs of several rows

@@ -175,13 +175,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
       const Geometry ge = classify(input, {&grad_output, y, dx_p, dr_p});
       const FusedBlocks blocks(ge, static_cast<int64_t>(input.element_size()) * (y != nullptr ? 3 : 2));
       const auto& kernels = kernels_for<scalar_t>(ge);
-      const bool fused = training && need_dx && blocks.fits() && kernels.backward_fused != nullptr;
+      // Fused when dx needs the sums (training) or the sums are wanted anyway (dw, db): eval then reads dy once.
+      const bool fused = need_dx && (training || need_dw || need_db) && blocks.fits() &&
+                         kernels.backward_fused != nullptr;
       if (fused) {
         kernels.backward_fused({blocks,
                                 {ge, &grad_output, &input, y, mu.data(), k.scale.data(), k.shift.data(), relu,
                                  sum_g.data(), sum_gxmu.data()},
                                 {ge, &grad_output, &input, y, mu.data(), k.scale.data(), k.shift.data(), relu,
-                                 k.scale.data(), nullptr, nullptr, true, dx_p, dr_p},
+                                 k.scale.data(), nullptr, nullptr, training, dx_p, dr_p},
                                 inv.data()});
       }
       // Unfused training with an output mask and the residual's gradient wanted: that gradient, g = dy where the

@@ -1262,10 +1262,11 @@ void backward_elementwise(const ElementwiseArgs<scalar_t>& a) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Fused training backward over kPlanes (FusedBlocks, kernels.h): per block of whole channels, one thread sums the
-// block as one tile (all N runs of cb·S positions), turns the sums into the dx coefficients and writes dx plane
-// by plane while the block's dy and x are still in cache. Traffic: 2E read + 1E write (+1E read of an output mask).
-template <typename scalar_t, bool kOutputMask, bool kRelu>
+// Fused backward over kPlanes (FusedBlocks, kernels.h): per block of whole channels, one thread sums the block as
+// one tile (all N runs of cb·S positions), turns the sums into the dx coefficients (kTrain; eval's dx = g·k needs
+// none) and writes dx plane by plane while the block's dy and x are still in cache. Traffic: 2E read + 1E write
+// (+1E read of an output mask).
+template <typename scalar_t, bool kOutputMask, bool kRelu, bool kTrain>
 void backward_fused_impl(const FusedBackwardArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
   const ReduceArgs<scalar_t>& r = a.reduce;
@@ -1295,14 +1296,14 @@ void backward_fused_impl(const FusedBackwardArgs<scalar_t>& a) {
         const int64_t c = c0 + j;
         r.sum_g[c] = static_cast<acc_t>(sum_g[j]);
         r.sum_gxmu[c] = static_cast<acc_t>(sum_gx[j]);
-        train_dx_coefficients(e.k[c], a.invstd[c], r.sum_g[c], r.sum_gxmu[c], N * S, p[j], q[j]);
+        if constexpr (kTrain) train_dx_coefficients(e.k[c], a.invstd[c], r.sum_g[c], r.sum_gxmu[c], N * S, p[j], q[j]);
       }
       const bool prefetch_next = b + 1 < end;
       for (int64_t n = 0; n < N; ++n) {
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t off = (n * C + c) * S;
           const int64_t ahead = prefetch_next && c + cb < C ? cb * S : 0;
-          d.template run<kOutputMask, kRelu, true>(off, S, PlaneCoef<acc_t>(e.mean[c]), PlaneCoef<acc_t>(e.scale[c]),
+          d.template run<kOutputMask, kRelu, kTrain>(off, S, PlaneCoef<acc_t>(e.mean[c]), PlaneCoef<acc_t>(e.scale[c]),
                                                    PlaneCoef<acc_t>(e.shift[c]), PlaneCoef<acc_t>(e.k[c]),
                                                    PlaneCoef<acc_t>(p[c - c0]), PlaneCoef<acc_t>(q[c - c0]), ahead);
         }
@@ -1316,7 +1317,7 @@ void backward_fused_impl(const FusedBackwardArgs<scalar_t>& a) {
 // sum its tiles, the block's sums become dx coefficients, and all threads write its dx while the block's dy and x
 // are in the last-level cache. Traffic: 2E read + 1E write when a block fits in that cache (a (20, 6, 65536)
 // float block is 10.5 MB of inputs), the unfused 4E read + 1E write when it does not.
-template <typename scalar_t, bool kOutputMask, bool kRelu>
+template <typename scalar_t, bool kOutputMask, bool kRelu, bool kTrain>
 void backward_channel_major_impl(const FusedBackwardArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
   const ReduceArgs<scalar_t>& r = a.reduce;
@@ -1339,13 +1340,13 @@ void backward_channel_major_impl(const FusedBackwardArgs<scalar_t>& a) {
     });
     const int64_t c0 = cbi * rt.cb, c1 = std::min(C, c0 + rt.cb);
     sum_slots(r, rt.slots(), part_g.data(), part_gx.data(), c0, c1);
-    for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t c = c0; c < c1 && kTrain; ++c) {
       train_dx_coefficients(e.k[c], a.invstd[c], r.sum_g[c], r.sum_gxmu[c], m, p[c], q[c]);
     }
     const PlaneChunks pc(geom, c0, c1);
     at::parallel_for(0, pc.items, pc.grain(), [&](int64_t begin, int64_t end) {
       pc.visit(begin, end, [&](int64_t off, int64_t n, int64_t c) {
-        d.template run<kOutputMask, kRelu, true>(off, n, PlaneCoef<acc_t>(e.mean[c]), PlaneCoef<acc_t>(e.scale[c]),
+        d.template run<kOutputMask, kRelu, kTrain>(off, n, PlaneCoef<acc_t>(e.mean[c]), PlaneCoef<acc_t>(e.scale[c]),
                                                  PlaneCoef<acc_t>(e.shift[c]), PlaneCoef<acc_t>(e.k[c]),
                                                  PlaneCoef<acc_t>(p[c]), PlaneCoef<acc_t>(q[c]),
                                                  kPrefetchElements<scalar_t>);
@@ -1359,13 +1360,15 @@ template <typename scalar_t>
 void backward_fused(const FusedBackwardArgs<scalar_t>& a) {
   BOOL_SWITCH(a.reduce.relu && a.reduce.output != nullptr, kOutputMask, [&] {
     BOOL_SWITCH(a.reduce.relu, kRelu, [&] {
-      if constexpr (!kOutputMask || kRelu) {
-        if (a.blocks.channel_major) {
-          backward_channel_major_impl<scalar_t, kOutputMask, kRelu>(a);
-        } else {
-          backward_fused_impl<scalar_t, kOutputMask, kRelu>(a);
+      BOOL_SWITCH(a.elementwise.use_x, kTrain, [&] {
+        if constexpr (!kOutputMask || kRelu) {
+          if (a.blocks.channel_major) {
+            backward_channel_major_impl<scalar_t, kOutputMask, kRelu, kTrain>(a);
+          } else {
+            backward_fused_impl<scalar_t, kOutputMask, kRelu, kTrain>(a);
+          }
         }
-      }
+      });
     });
   });
 }
