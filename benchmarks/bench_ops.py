@@ -38,7 +38,8 @@ torch, fastbn (and torch.compile) take their blocks in turn (common.measure_inte
 of the machine (a VM's memory bandwidth moved between 29 and 67 GB/s within minutes here) falls on all of
 them alike instead of deciding a row by which side it caught. When one set of inputs would fit in the
 last-level cache, each case rotates among k copies with k * bytes >= 3 * LLC (LLC from sysfs or the GPU's
-properties, 64 MB when unknown).
+properties, 64 MB when unknown). --warm-cache reuses one set instead, as a layer finds the input the previous
+layer has just written: it times the kernels' work from cache, which the rotated default hides behind memory.
 Every call allocates its outputs, as in real use. On CPU glibc is told to keep freed memory (see
 common.tune_cpu_allocator): otherwise every output over 32 MB is page-faulted afresh, which costs several
 times the kernel on a small VM; --system-malloc keeps glibc's default. Copy bandwidth is dst.copy_(src) on
@@ -423,7 +424,8 @@ def run_all(args_, device, cache_bytes):
                     continue  # (N, C) has one layout
                 element = torch.empty((), dtype=dtype).element_size()
                 # Rotate enough copies for the op that moves the fewest bytes.
-                copies = common.copies_needed(min(OPS[o].bytes_e for o in args_.ops) * numel * element, cache_bytes)
+                least_bytes = min(OPS[o].bytes_e for o in args_.ops) * numel * element
+                copies = 1 if args_.warm_cache else common.copies_needed(least_bytes, cache_bytes)
                 inp = Inputs(shape, dtype, fmt, device, copies)
                 backends = {t: torch_backend(inp, t) for t in {OPS[o].training for o in args_.ops}}
                 for name in args_.ops:
@@ -533,7 +535,9 @@ def report_markdown(rows, summary, meta):
         "",
         "Medians of torch.utils.benchmark.Timer; speed-up = torch time / fastbn time. GB/s count the minimum "
         "traffic (2E forward, 3E backward, 3E for BN+add+ReLU forward, 5E for its backward); % copy is "
-        "fastbn's GB/s over the copy bandwidth. " + meta["compile_note"],
+        "fastbn's GB/s over the copy bandwidth. " + meta["compile_note"]
+        + (" Inputs reused every call (--warm-cache): data in cache where it fits." if meta["config"].get("warm_cache")
+           else ""),
         "",
         table_markdown(rows),
         "",
@@ -642,6 +646,8 @@ def parse_args(argv=None):
     p.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
     p.add_argument("--no-check", action="store_true", help="skip comparing fastbn's outputs with torch's")
     p.add_argument("--system-malloc", action="store_true", help="CPU: keep glibc's default allocator behaviour")
+    p.add_argument("--warm-cache", action="store_true",
+                   help="reuse one set of inputs every call instead of rotating copies out of the cache")
     return p.parse_args(argv)
 
 

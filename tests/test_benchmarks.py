@@ -28,6 +28,18 @@ def test_bench_ops_writes_checked_rows(tmp_path):
     assert "| op | shape |" in markdown.read_text()
 
 
+def test_bench_ops_warm_cache_reuses_one_input_set(tmp_path):
+    markdown = tmp_path / "table.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ops.py"), "--device", "cpu", "--warm-cache",
+                    "--shapes", "4x8x6x6", "--ops", "fwd_eval,bwd", "--formats", "NCHW", "--compile", "none",
+                    "--min-time", "0.001", "--max-time", "0.1", "--no-plot", "--out-dir", str(tmp_path),
+                    "--markdown", str(markdown)],
+                   check=True, capture_output=True, cwd=ROOT)
+    rows = json.loads((tmp_path / "ops-cpu.json").read_text())["rows"]
+    assert [(row["op"], row["copies"], row["check_ok"]) for row in rows] == [("fwd_eval", 1, True), ("bwd", 1, True)]
+    assert "--warm-cache" in markdown.read_text()
+
+
 def test_unsettled_case_is_timed_again_and_the_steadier_timing_kept(monkeypatch):
     timings = iter([{"torch": (6e-3, 1e-4), "fastbn": (86e-3, 43e-3)},   # one side stalled throughout
                     {"torch": (6e-3, 1e-4), "fastbn": (2.5e-3, 1e-4)}])
