@@ -7,7 +7,8 @@
 
 Prints a markdown table, then a summary (geometric mean of fastbn's speed-up over torch per op, memory
 format and dtype, checked against the project's targets), and writes benchmarks/results/ops-<device>.json
-and .png (--out-dir to change the folder), <device> being "cpu" or a slug of the GPU's name.
+and .png (--out-dir to change the folder), <device> being "cpu" or a slug of the GPU's name
+(ops-<device>-warm.json and .png with --warm-cache).
 
 Ops, with the minimum memory traffic used for GB/s (E = bytes of one activation tensor):
   fwd_train     training forward, running statistics updated                         2E
@@ -647,7 +648,8 @@ def parse_args(argv=None):
     p.add_argument("--no-check", action="store_true", help="skip comparing fastbn's outputs with torch's")
     p.add_argument("--system-malloc", action="store_true", help="CPU: keep glibc's default allocator behaviour")
     p.add_argument("--warm-cache", action="store_true",
-                   help="reuse one set of inputs every call instead of rotating copies out of the cache")
+                   help="reuse one set of inputs every call instead of rotating copies out of the cache; "
+                        "writes ops-<device>-warm.json and .png")
     return p.parse_args(argv)
 
 
@@ -704,11 +706,12 @@ def main(argv=None):
     print(text)
 
     os.makedirs(args_.out_dir, exist_ok=True)
-    json_path = os.path.join(args_.out_dir, f"ops-{slug}.json")
+    stem = f"ops-{slug}" + ("-warm" if args_.warm_cache else "")
+    json_path = os.path.join(args_.out_dir, f"{stem}.json")
     with open(json_path, "w") as f:
         json.dump({**meta, "rows": rows, "summary": summary}, f, indent=1)
     written = [json_path]
-    png_path = os.path.join(args_.out_dir, f"ops-{slug}.png")
+    png_path = os.path.join(args_.out_dir, f"{stem}.png")
     if not args_.no_plot and plot(rows, png_path, f"fastbn speed-up over torch, {info.get('gpu') or info['cpu']}"):
         written.append(png_path)
     if args_.markdown:

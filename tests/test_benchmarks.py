@@ -35,7 +35,7 @@ def test_bench_ops_warm_cache_reuses_one_input_set(tmp_path):
                     "--min-time", "0.001", "--max-time", "0.1", "--no-plot", "--out-dir", str(tmp_path),
                     "--markdown", str(markdown)],
                    check=True, capture_output=True, cwd=ROOT)
-    rows = json.loads((tmp_path / "ops-cpu.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "ops-cpu-warm.json").read_text())["rows"]
     assert [(row["op"], row["copies"], row["check_ok"]) for row in rows] == [("fwd_eval", 1, True), ("bwd", 1, True)]
     assert "--warm-cache" in markdown.read_text()
 
