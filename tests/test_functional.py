@@ -299,12 +299,13 @@ def check_step(shape, dtype, fmt, use_residual, relu, param_dtype=torch.float32,
 
 
 @pytest.mark.parametrize("use_residual,relu", EPILOGUES)
+@pytest.mark.parametrize("training", TRAINING)
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("shape", [(8, 37, 15, 17), (2, 67, 9, 8)], ids=["8x37x15x17", "2x67x9x8"])
-def test_larger_shapes(shape, dtype, fmt, use_residual, relu):
+def test_larger_shapes(shape, dtype, fmt, training, use_residual, relu):
     """Sizes past one SIMD vector and past a parallel grain, channel counts not a multiple of the width."""
-    check_step(shape, dtype, fmt, use_residual, relu)
+    check_step(shape, dtype, fmt, use_residual, relu, training=training)
 
 
 @pytest.mark.parametrize("use_residual", [False, True], ids=["bn", "add"])
