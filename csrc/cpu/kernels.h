@@ -95,24 +95,35 @@ constexpr int64_t kMaxChannelRun = 16384;
 
 // Blocks of whole channels for the fused passes (training forward, backward): each block's inputs (all samples)
 // stay in cache between its reduction and its elementwise pass, so they are read from memory once (training
-// backward 3E instead of 5E, eval backward with dw or db 3E instead of 4E, forward 2E instead of 3E). Cut from the shape alone (results do not depend on the thread count). On the 2-core EPYC,
-// 256 KiB blocks beat 4 MiB ones at 7x7 and 14x14 (backward 32x512x14x14 0.89 vs 1.27 ms) and matched 1 MiB ones
-// elsewhere; 64, 128 and 512 KiB were no better. Two schedules:
+// backward 3E instead of 5E, eval backward with dw or db 3E instead of 4E, forward 2E instead of 3E). Cut from the
+// shape alone (results do not depend on the thread count). On the 2-core EPYC, 256 KiB blocks beat 4 MiB ones at
+// 7x7 and 14x14 (backward 32x512x14x14 0.89 vs 1.27 ms) and matched 1 MiB ones elsewhere; 64, 128 and 512 KiB were
+// no better. Two schedules:
 //   per-thread     one thread reduces a block and writes its output (from L2), prefetching the next block while it
 //                  writes: C >= kMinBlocks, N <= kMaxRuns. Forward and backward.
 //   channel-major  fewer channels than kMinBlocks (a (20, 6, 65536) input): the blocks are the reduction's own
 //                  channel blocks (RunTiles), taken one after the other, every thread reducing a share of the block
 //                  and then writing a share of its dx, from the last-level cache when the block fits there.
 //                  Backward only (the forward takes the unfused passes there).
+// The backward's per-thread blocks are one channel each, its planes summed in registers (one_channel_sums), once
+// planes reach kMinRegisterPlane positions: several channels' per-position sums (mean and two sums, 47 KiB at
+// 5x28x28) outgrow L1. fastbn's backward alone, float32 NCHW, 2-core EPYC, 8 alternating pairs, per-position
+// against registers: inputs in cache 8x128x28x28 1.28x faster, 4x128x28x28 1.63x, 16x256x28x28 1.08x; out of
+// cache 8x128x28x28 1.10x, 8x512x28x28 1.06x. Shorter planes keep the per-position sums: at 14x14 registers won in
+// cache at batch 8 (8x512x14x14 1.16-1.21x) but lost out of it, where a channel's runs are only 784 bytes
+// (32x256x14x14 0.87x, 32x1024x14x14 0.92x, 8x512x14x14 0.97x), and 7x7 lost both ways (8x2048x7x7 0.89x in
+// cache). At batch 32 and 28x28 the blocks were one channel already (kMaxBytes). The forward gained on some
+// shapes and lost on others (8x128x28x28 1.17x, 32x256x28x28 0.90x out of cache) and keeps its blocks.
 struct FusedBlocks {
   static constexpr int64_t kMaxPositions = 4096;  // per-position sums of one tile: ≤ 16 KiB per array
   static constexpr int64_t kMaxBytes = 1 << 18;   // a block's inputs; the next block is prefetched meanwhile
   static constexpr int64_t kMinBlocks = 16;       // work items for the threads
+  static constexpr int64_t kMinRegisterPlane = 512;  // backward: one channel per block from 28x28 planes
   bool channel_major = false;
   int64_t cb = 0;      // per-thread: channels per block
   int64_t blocks = 0;  // per-thread: blocks; 0 (and !channel_major): the shape does not fit, use the unfused passes
   int64_t chunk = 0;   // per-thread: positions per tile: S, or chunks of a long plane (plane_chunk)
-  FusedBlocks(const Geometry& g, int64_t input_bytes_per_value) {
+  FusedBlocks(const Geometry& g, int64_t input_bytes_per_value, bool backward) {
     if (g.layout != Layout::kPlanes) return;
     if (g.C < kMinBlocks) {
       channel_major = true;
@@ -121,7 +132,7 @@ struct FusedBlocks {
     if (g.N > kMaxRuns) return;
     const int64_t channel_bytes = g.N * g.S * input_bytes_per_value;
     cb = std::min({kMaxPositions / g.S, kMaxBytes / channel_bytes, g.C / kMinBlocks});
-    cb = std::max<int64_t>(cb, 1);
+    cb = backward && g.S >= kMinRegisterPlane ? 1 : std::max<int64_t>(cb, 1);
     blocks = (g.C + cb - 1) / cb;
     chunk = plane_chunk(g.S, cb == 1 ? kMaxChannelRun : kMaxPositions);
   }
