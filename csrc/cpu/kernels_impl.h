@@ -12,13 +12,15 @@
 //   backward_reduce       2E read (x, dy) (+1E of the forward's output when the ReLU mask is read from it), on the
 //                         same tiles.
 //   backward_elementwise  2E read + 1E write (dy only when eval without ReLU: 1E + 1E; +1E for g_out).
-//   backward_fused        training backward on kPlanes: 2E read + 1E write, per block of whole channels
-//                         (FusedBlocks, kernels.h) reduced and then differentiated from cache, by one thread
-//                         (many channels; it prefetches its next block meanwhile) or by all (channel-major).
+//   backward_fused        backward on kPlanes (training; eval when dw or db is wanted): 2E read + 1E write, per
+//                         block of whole channels (FusedBlocks, kernels.h) reduced and then differentiated from
+//                         cache, by one thread (many channels; it prefetches its next block meanwhile) or by all
+//                         (channel-major).
 // Outputs larger than half the last-level cache are written with non-temporal stores (stream_output). Run tails take
-// the vector path with masked loads and stores (VecIO); normalize takes planes that are not a whole number of vectors
-// (7x7, 14x14) as one run per thread (PlaneRanges), with no tail per plane; rows of C channels (channels_last) are
-// taken rows_per_run at a time, a whole number of vectors, when C is not a multiple of the vector width.
+// the vector path with masked loads and stores (VecIO); the elementwise passes take planes that are not a whole
+// number of vectors (7x7, 14x14) as one range per thread (PlaneRanges), with no tail per plane; rows of C channels
+// (channels_last) are taken rows_per_run at a time, a whole number of vectors, when C is not a multiple of the
+// vector width.
 // Parallelisation (at::parallel_for over work items, both layouts): reductions use tiles of (run group ×
 // channel block × position chunk) cut from the shape alone, elementwise ops (plane, chunk) items or row
 // ranges, so a (20, 6, 65536) and a (32, 2048, 7, 7) input both feed every thread. Reductions write per-tile
@@ -1304,8 +1306,8 @@ void backward_fused_impl(const FusedBackwardArgs<scalar_t>& a) {
           const int64_t off = (n * C + c) * S;
           const int64_t ahead = prefetch_next && c + cb < C ? cb * S : 0;
           d.template run<kOutputMask, kRelu, kTrain>(off, S, PlaneCoef<acc_t>(e.mean[c]), PlaneCoef<acc_t>(e.scale[c]),
-                                                   PlaneCoef<acc_t>(e.shift[c]), PlaneCoef<acc_t>(e.k[c]),
-                                                   PlaneCoef<acc_t>(p[c - c0]), PlaneCoef<acc_t>(q[c - c0]), ahead);
+                                                     PlaneCoef<acc_t>(e.shift[c]), PlaneCoef<acc_t>(e.k[c]),
+                                                     PlaneCoef<acc_t>(p[c - c0]), PlaneCoef<acc_t>(q[c - c0]), ahead);
         }
       }
     }
@@ -1347,9 +1349,9 @@ void backward_channel_major_impl(const FusedBackwardArgs<scalar_t>& a) {
     at::parallel_for(0, pc.items, pc.grain(), [&](int64_t begin, int64_t end) {
       pc.visit(begin, end, [&](int64_t off, int64_t n, int64_t c) {
         d.template run<kOutputMask, kRelu, kTrain>(off, n, PlaneCoef<acc_t>(e.mean[c]), PlaneCoef<acc_t>(e.scale[c]),
-                                                 PlaneCoef<acc_t>(e.shift[c]), PlaneCoef<acc_t>(e.k[c]),
-                                                 PlaneCoef<acc_t>(p[c]), PlaneCoef<acc_t>(q[c]),
-                                                 kPrefetchElements<scalar_t>);
+                                                   PlaneCoef<acc_t>(e.shift[c]), PlaneCoef<acc_t>(e.k[c]),
+                                                   PlaneCoef<acc_t>(p[c]), PlaneCoef<acc_t>(q[c]),
+                                                   kPrefetchElements<scalar_t>);
       });
       stream_fence(d.stream);
     });
