@@ -773,15 +773,14 @@ void elementwise_runs(const Geometry& g, bool stream, const std::array<const acc
       return std::array<decltype(make(arrays[0])), K>{make(arrays[J])...};
     }(std::make_index_sequence<K>{});
   };
+  auto plane_coefs = [&](int64_t c) { return each([c](const acc_t* a) { return PlaneCoef<acc_t>(a[c]); }); };
   if (PlaneRanges<W>::fits(g)) {
     constexpr int kParts = static_cast<int>(W / Vectorized<acc_t>::size());
     const PlaneRanges<W> ranges(g);
     at::parallel_for(0, ranges.planes, ranges.grain(), [&](int64_t begin, int64_t end) {
       ranges.visit(
           begin, end,
-          [&](int64_t off, int64_t n, int64_t c) {
-            f(off, n, each([c](const acc_t* a) { return PlaneCoef<acc_t>(a[c]); }));
-          },
+          [&](int64_t off, int64_t n, int64_t c) { f(off, n, plane_coefs(c)); },
           [&](int64_t off, int64_t c, int64_t next_c, int64_t lanes) {
             const LaneSplit<acc_t, kParts> split(lanes);
             f(off, W, each([&](const acc_t* a) { return split.coef(a[c], a[next_c]); }));
@@ -793,21 +792,14 @@ void elementwise_runs(const Geometry& g, bool stream, const std::array<const acc
   if (g.layout == Layout::kPlanes) {
     const PlaneChunks pc(g);
     at::parallel_for(0, pc.items, pc.grain(), [&](int64_t begin, int64_t end) {
-      pc.visit(begin, end, [&](int64_t off, int64_t n, int64_t c) {
-        std::array<PlaneCoef<acc_t>, K> coefs = [&]<size_t... J>(std::index_sequence<J...>) {
-          return std::array<PlaneCoef<acc_t>, K>{PlaneCoef<acc_t>(arrays[J][c])...};
-        }(std::make_index_sequence<K>{});
-        f(off, n, coefs);
-      });
+      pc.visit(begin, end, [&](int64_t off, int64_t n, int64_t c) { f(off, n, plane_coefs(c)); });
       stream_fence(stream);
     });
     return;
   }
   const int64_t C = g.C, rows = rows_per_run(C, W), run = rows * C, total = g.N * C;
   std::vector<acc_t> repeated(rows > 1 ? K * run : 0);
-  std::array<RowCoef<acc_t>, K> coefs = [&]<size_t... J>(std::index_sequence<J...>) {
-    return std::array<RowCoef<acc_t>, K>{RowCoef<acc_t>(arrays[J])...};
-  }(std::make_index_sequence<K>{});
+  auto coefs = each([](const acc_t* a) { return RowCoef<acc_t>(a); });
   if (rows > 1) {
     for (size_t j = 0; j < K; ++j) {
       acc_t* out = repeated.data() + j * run;
