@@ -28,7 +28,7 @@ def cuda_requested(cuda_available: bool) -> bool:
 
 def sources(with_cuda: bool, relative_to: str = "") -> list:
     """C++ sources, plus the CUDA ones when with_cuda; paths relative to `relative_to` when given."""
-    files = [os.path.join(CSRC, "ops.cpp"), os.path.join(CSRC, "checks.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    files = [os.path.join(CSRC, name) for name in ("ops.cpp", "checks.cpp", "autograd.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     if with_cuda:
         files += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
     if relative_to:

@@ -1,8 +1,9 @@
 """torch.library.opcheck on every torch.ops.fastbn op: schema (including the mutated running statistics
 and counter of forward_train), fake-tensor implementations (shapes, dtypes, strides) and AOT dispatch.
 
-Autograd lives in fastbn.functional's autograd.Function, so the inputs here do not require grad and the
-autograd-registration check is left out (test_autograd_registration is not meaningful for it)."""
+forward_train and forward_eval are differentiable through their C++ Autograd kernels (csrc/autograd.cpp):
+test_forward_ops_with_gradients runs every check, the autograd registration and AOT dispatch of the backward
+included, on inputs that require grad; the other tests pass inputs that do not."""
 import pytest
 import torch
 
@@ -38,8 +39,8 @@ def _tensors(layout, affine=True, residual=True):
     return x, weight, bias, r, running_mean, running_var, mean, invstd
 
 
-def _opcheck(op, args):
-    result = torch.library.opcheck(op, args, test_utils=TEST_UTILS)
+def _opcheck(op, args, test_utils=TEST_UTILS):
+    result = torch.library.opcheck(op, args, test_utils=test_utils)
     failures = {k: v for k, v in result.items() if v != "SUCCESS"}
     assert not failures, failures
 
@@ -65,6 +66,20 @@ def test_forward_train_without_running_stats(layout):
 def test_forward_eval(layout, relu, residual):
     x, weight, bias, r, running_mean, running_var, _, _ = _tensors(layout, residual=residual)
     _opcheck(ops.forward_eval.default, (x, weight, bias, r, running_mean, running_var, 1e-5, relu))
+
+
+@pytest.mark.parametrize("relu,residual", [(False, False), (True, True)], ids=["bn", "add-relu"])
+@pytest.mark.parametrize("layout", ["f32-contiguous", "bf16-f32params-channels_last"])
+def test_forward_ops_with_gradients(layout, relu, residual):
+    x, weight, bias, r, running_mean, running_var, _, _ = _tensors(layout, residual=residual)
+    for t in (x, weight, bias, r):
+        if t is not None:
+            t.requires_grad_()
+    every_check = TEST_UTILS + ("test_autograd_registration",)
+    count = torch.tensor(4, dtype=torch.long)
+    _opcheck(ops.forward_train.default, (x, weight, bias, r, running_mean, running_var, count, 0.1, 1e-5, relu),
+             every_check)
+    _opcheck(ops.forward_eval.default, (x, weight, bias, r, running_mean, running_var, 1e-5, relu), every_check)
 
 
 MASKS = {
