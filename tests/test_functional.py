@@ -400,7 +400,8 @@ def test_output_changed_in_place_fails_the_backward_like_torch_relu():
         y.sum().backward()
 
 
-@pytest.mark.parametrize("use_residual,relu", [(False, False), (True, True)], ids=["bn", "add-relu"])
+@pytest.mark.parametrize("use_residual,relu", [(False, False), (False, True), (True, True)],
+                         ids=["bn", "relu", "add-relu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
 @pytest.mark.parametrize("shape", [(8, 130, 7, 7), (3, 70, 14, 14), (4, 33, 5, 5), (3, 20, 1, 17)],
                          ids=["8x130x7x7", "3x70x14x14", "4x33x5x5", "3x20x1x17"])
@@ -408,5 +409,7 @@ def test_output_changed_in_place_fails_the_backward_like_torch_relu():
 def test_planes_not_a_whole_number_of_vectors(shape, dtype, use_residual, relu, training):
     """NCHW planes whose length is not a whole number of vectors, forward and backward, against the float64
     reference: each plane ends in a whole vector overlapping the one before (a masked one where the plane is shorter
-    than a vector: 5x5 and 1x17 in 16-bit types), in the elementwise passes (eval) and the fused blocks (training)."""
+    than a vector: 5x5 and 1x17 in 16-bit types), in the elementwise passes (eval) and the fused blocks (training),
+    and the backward's sums take each plane's last vector masked (plane_by_plane_sums), the ReLU mask read from the
+    output or recomputed."""
     check_step(shape, dtype, "contiguous", use_residual, relu, training=training)
