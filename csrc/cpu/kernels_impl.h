@@ -909,7 +909,7 @@ inline void add_g(const Vec& d, const Vec& v, const Vec& y, const Vec& mean, con
   sgx = at::vec::fmadd(g, xmu, sgx);
 }
 
-// Sums a kPlanes tile whose runs hold several whole planes of at least a vector (7x7 to 22x22) plane by plane:
+// Sums a kPlanes tile whose runs hold several whole planes of at least a vector (7x7 and up) plane by plane:
 // each plane's vectors (the last one partial, its other lanes zero) add into the two sums of its channel in
 // registers, which live in acc_g / acc_gx (channels × kWidth values, in L1) between the runs and go to double
 // every kMaxChannelRun positions as in one_channel_sums. The runs are read in memory order, as the per-position
