@@ -24,7 +24,8 @@ def batch_norm(
 ) -> Tensor:
     """Batch Normalization as torch.nn.functional.batch_norm, fused with an optional epilogue.
 
-    Computes ``activation(batch_norm(input) + residual)`` in one pass over the output. Keyword-only extras:
+    Computes ``activation(batch_norm(input) + residual)`` in one pass over the output, differentiable through the
+    ops' Autograd kernels (csrc/autograd.cpp), twice with create_graph=True. Keyword-only extras:
 
     * ``residual``: a tensor of the input's shape and dtype, added after the affine transform.
     * ``activation``: ``None`` or ``"relu"``.
