@@ -2,7 +2,7 @@
 // (and everything built on them: fastbn.functional.batch_norm, the modules) are differentiable, with the whole
 // graph bookkeeping in C++: a Python autograd.Function cost 30-50 us per layer and training step over torch's own
 // BatchNorm (fastbn.BatchNorm2d forward and backward of a 2x8x4x4 input, 2-core EPYC, torch.utils.benchmark: 99-123
-// us against torch's 68-73 through Python, 75-87 against 59-72 here).
+// us against torch's 68-73 through Python, 75-87 against torch's 41-74 here).
 //
 // The backward calls the backward op (one fused pass where the kernels allow it). Under create_graph (double
 // backward) it differentiates instead a composite of ATen ops that autograd can differentiate again.
