@@ -11,6 +11,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "op_tensors.h"
 #include "ops.h"
 
 namespace fastbn {
@@ -42,18 +43,14 @@ const auto& backward_op() {
   return op;
 }
 
-Tensor value_or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
-
-at::ScalarType acc_dtype(const Tensor& input) {
-  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+Tensor value_or_undefined(const OptTensor& t) { return defined(t) ? *t : Tensor(); }
 
 // Whether autograd must record the op: grad mode on and input, weight, bias or residual requiring grad.
 bool records_graph(const Tensor& input, std::initializer_list<const OptTensor*> params) {
   if (!at::GradMode::is_enabled()) return false;
   if (input.requires_grad()) return true;
   for (const OptTensor* p : params) {
-    if (p->has_value() && (*p)->defined() && (*p)->requires_grad()) return true;
+    if (defined(*p) && (*p)->requires_grad()) return true;
   }
   return false;
 }
@@ -88,7 +85,7 @@ struct Saved {
 // The output the backward masks the ReLU with: the forward's output after a residual add (which the next layer
 // keeps anyway, as torch's relu keeps its result), none where the kernels recompute the mask from the input.
 Tensor mask_output(const OptTensor& residual, const Tensor& output, bool relu) {
-  return relu && residual.has_value() && residual->defined() ? output : Tensor();
+  return relu && defined(residual) ? output : Tensor();
 }
 
 // Also records the edge of each of (input, weight, bias, residual), -1 where it was not given: autograd numbers
@@ -101,7 +98,7 @@ void save(AutogradContext* ctx, const Saved& s, const OptTensor& residual) {
   int64_t next = 1;  // the input is edge 0
   auto edge = [&](bool given) { return given ? next++ : int64_t(-1); };
   const int64_t w = edge(s.weight.defined()), b = edge(s.bias.defined());
-  ctx->saved_data["edges"] = std::vector<int64_t>{0, w, b, edge(residual.has_value() && residual->defined())};
+  ctx->saved_data["edges"] = std::vector<int64_t>{0, w, b, edge(defined(residual))};
 }
 
 Saved load(AutogradContext* ctx) {
