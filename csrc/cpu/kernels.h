@@ -105,15 +105,16 @@ constexpr int64_t kMaxChannelRun = 16384;
 //                  channel blocks (RunTiles), taken one after the other, every thread reducing a share of the block
 //                  and then writing a share of its dx, from the last-level cache when the block fits there.
 //                  Backward only (the forward takes the unfused passes there).
-// The backward's per-thread blocks are one channel each, its planes summed in registers (one_channel_sums), once
-// planes reach kMinRegisterPlane positions: several channels' per-position sums (mean and two sums, 47 KiB at
-// 5x28x28) outgrow L1. fastbn's backward alone, float32 NCHW, 2-core EPYC, 8 alternating pairs, per-position
-// against registers: inputs in cache 8x128x28x28 1.28x faster, 4x128x28x28 1.63x, 16x256x28x28 1.08x; out of
-// cache 8x128x28x28 1.10x, 8x512x28x28 1.06x. Shorter planes keep the per-position sums: at 14x14 registers won in
-// cache at batch 8 (8x512x14x14 1.16-1.21x) but lost out of it, where a channel's runs are only 784 bytes
-// (32x256x14x14 0.87x, 32x1024x14x14 0.92x, 8x512x14x14 0.97x), and 7x7 lost both ways (8x2048x7x7 0.89x in
-// cache). At batch 32 and 28x28 the blocks were one channel already (kMaxBytes). The forward gained on some
-// shapes and lost on others (8x128x28x28 1.17x, 32x256x28x28 0.90x out of cache) and keeps its blocks.
+// The backward's per-thread blocks are one channel each, its planes summed in registers (one_channel_sums), once planes
+// reach kMinRegisterPlane positions: several channels' per-position sums (mean and two sums, 47 KiB at 5x28x28) outgrew
+// L1. (Those per-position sums have since given way to plane_by_plane_sums for blocks of several channels,
+// kernels_impl.h; the measurements below compare against them and were not repeated.) fastbn's backward alone, float32
+// NCHW, 2-core EPYC, 8 alternating pairs, per-position against registers: inputs in cache 8x128x28x28 1.28x faster,
+// 4x128x28x28 1.63x, 16x256x28x28 1.08x; out of cache 8x128x28x28 1.10x, 8x512x28x28 1.06x. Shorter planes keep blocks
+// of several channels: at 14x14 registers won in cache at batch 8 (8x512x14x14 1.16-1.21x) but lost out of it, where a
+// channel's runs are only 784 bytes (32x256x14x14 0.87x, 32x1024x14x14 0.92x, 8x512x14x14 0.97x), and 7x7 lost both
+// ways (8x2048x7x7 0.89x in cache). At batch 32 and 28x28 the blocks were one channel already (kMaxBytes). The forward
+// gained on some shapes and lost on others (8x128x28x28 1.17x, 32x256x28x28 0.90x out of cache) and keeps its blocks.
 struct FusedBlocks {
   static constexpr int64_t kMaxPositions = 4096;  // per-position sums of one tile: ≤ 16 KiB per array
   static constexpr int64_t kMaxBytes = 1 << 18;   // a block's inputs; the next block is prefetched meanwhile

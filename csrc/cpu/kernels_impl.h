@@ -982,12 +982,13 @@ void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
   const scalar_t* y = kOutputMask ? a.output->template data_ptr<scalar_t>() : nullptr;
   const Vec zero(acc_t(0));
-  // The W positions at element o into sg, sgx, given the positions' mean, scale and shift.
-  const auto add = [&](int64_t o, const Vec* mean, const Vec* scale, const Vec* shift, Vec* sg, Vec* sgx) {
+  // The W positions at element o (the first count of them) into sg, sgx, given the positions' mean, scale and shift.
+  const auto add = [&](int64_t o, const Vec* mean, const Vec* scale, const Vec* shift, Vec* sg, Vec* sgx,
+                       int64_t count = IO::kWidth) {
     Vec d[P], v[P], yv[P];
-    IO::load(dy + o, d);
-    IO::load(x + o, v);
-    if constexpr (kOutputMask) IO::load(y + o, yv);
+    IO::load(dy + o, d, count);
+    IO::load(x + o, v, count);
+    if constexpr (kOutputMask) IO::load(y + o, yv, count);
     for (int q = 0; q < P; ++q) {
       add_g<Vec, kOutputMask, kRelu>(d[q], v[q], kOutputMask ? yv[q] : zero, mean[q], kRecompute ? scale[q] : zero,
                                      kRecompute ? shift[q] : zero, sg[q], sgx[q]);
@@ -1031,15 +1032,8 @@ void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
         scale[q] = kRecompute ? Vec(a.scale[c]) : zero;
         shift[q] = kRecompute ? Vec(a.shift[c]) : zero;
       }
-      return [=](int64_t o, int64_t count, Vec* sg, Vec* sgx) {
-        Vec d[P], v[P], yv[P];
-        IO::load(dy + o, d, count);
-        IO::load(x + o, v, count);
-        if constexpr (kOutputMask) IO::load(y + o, yv, count);
-        for (int q = 0; q < P; ++q) {
-          add_g<Vec, kOutputMask, kRelu>(d[q], v[q], kOutputMask ? yv[q] : zero, mean[q], scale[q], shift[q], sg[q],
-                                         sgx[q]);
-        }
+      return [=, &add](int64_t o, int64_t count, Vec* sg, Vec* sgx) {
+        add(o, mean, scale, shift, sg, sgx, count);
       };
     }, [&](int64_t o) {
       __builtin_prefetch(dy + o);
