@@ -107,9 +107,12 @@ constexpr int64_t kMaxChannelRun = 16384;
 //                  Backward only (the forward takes the unfused passes there).
 // The backward's per-thread blocks are one channel each, its planes summed in registers (one_channel_sums), once planes
 // reach kMinRegisterPlane positions: several channels' per-position sums (mean and two sums, 47 KiB at 5x28x28) outgrew
-// L1. (Those per-position sums have since given way to plane_by_plane_sums for blocks of several channels,
-// kernels_impl.h; the measurements below compare against them and were not repeated.) fastbn's backward alone, float32
-// NCHW, 2-core EPYC, 8 alternating pairs, per-position against registers: inputs in cache 8x128x28x28 1.28x faster,
+// L1. Those per-position sums have since given way to plane_by_plane_sums (kernels_impl.h) for blocks of several
+// channels; against it the one-channel blocks neither win nor lose overall (fastbn's backward over torch's time,
+// float32 NCHW in cache, medians of 9 alternating runs, one channel against blocks of 5: 4x128x28x28 0.86 against
+// 1.02, 8x512x28x28 0.67 against 0.59, 8x128x28x28 0.79 against 0.76, 16x256x28x28 0.61 against 0.62; out of cache
+// within 5%), so the threshold stays. Against the per-position sums: fastbn's backward alone, float32 NCHW, 2-core
+// EPYC, 8 alternating pairs, per-position against registers: inputs in cache 8x128x28x28 1.28x faster,
 // 4x128x28x28 1.63x, 16x256x28x28 1.08x; out of cache 8x128x28x28 1.10x, 8x512x28x28 1.06x. Shorter planes keep blocks
 // of several channels: at 14x14 registers won in cache at batch 8 (8x512x14x14 1.16-1.21x) but lost out of it, where a
 // channel's runs are only 784 bytes (32x256x14x14 0.87x, 32x1024x14x14 0.92x, 8x512x14x14 0.97x), and 7x7 lost both
