@@ -322,11 +322,14 @@ def test_streamed_outputs(fmt, use_residual):
 # planes longer than a run (chunked; with 16+ channels also in the per-thread fused forward and backward, with
 # planes longer than one fused tile too, and with fewer channels in the channel-major backward), short planes
 # packed many to a run with several channel blocks and sample groups (more samples than one tile sums, and few
-# channels: channel-major), rows wider than a run, a tall (N, C) split into row groups with its sums in registers,
-# and channels_last with few channels (sums in registers: 4, 6 and 8 AVX-512 vectors) or many (per-position sums).
+# channels: channel-major; or 16 channels and more samples than fused blocks take: eval writes dx tile by tile),
+# rows wider than a run, a tall (N, C) split into row groups with its sums in registers, and channels_last with few
+# channels (sums in registers: 4, 6 and 8 AVX-512 vectors) or many (per-position sums). Eval's backward writes dx
+# from each tile of the reduction on every kRows shape.
 TILINGS = [((3, 2, 70, 70), "contiguous"), ((2, 16, 70, 70), "contiguous"), ((2, 16, 130, 130), "contiguous"),
            ((70, 300, 3, 3), "contiguous"),
-           ((1100, 3, 5, 5), "contiguous"), ((40, 5, 7, 7), "contiguous"), ((1100, 2100), "contiguous"),
+           ((1100, 3, 5, 5), "contiguous"), ((1100, 16, 5, 5), "contiguous"), ((40, 5, 7, 7), "contiguous"),
+           ((1100, 2100), "contiguous"),
            ((5000, 16), "contiguous"), ((16, 64, 12, 12), "channels_last"), ((24, 96, 6, 6), "channels_last"),
            ((20, 128, 5, 5), "channels_last"), ((40, 200, 5, 5), "channels_last")]
 

@@ -175,8 +175,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
       const Geometry ge = classify(input, {&grad_output, y, dx_p, dr_p});
       const FusedBlocks blocks(ge, static_cast<int64_t>(input.element_size()) * (y != nullptr ? 3 : 2), true);
       const auto& kernels = kernels_for<scalar_t>(ge);
-      // Fused when dx needs the sums (training) or the sums are wanted anyway (dw, db): eval then reads dy once.
-      const bool fused = need_dx && (training || need_dw || need_db) && blocks.fits() &&
+      // One kernel for dx and the sums: training where fused blocks fit, eval when dw or db is wanted too (it then
+      // reads dy once; eval's dx alone is the elementwise pass).
+      const bool fused = need_dx && (training ? blocks.fits() : need_dw || need_db) &&
                          kernels.backward_fused != nullptr;
       if (fused) {
         kernels.backward_fused({blocks,

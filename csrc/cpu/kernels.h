@@ -143,9 +143,10 @@ struct FusedBlocks {
   bool fits() const { return channel_major || blocks > 0; }
 };
 
-// Backward with dx over kPlanes in fused blocks: writes reduce.sum_g / sum_gxmu (for dw and db) and
-// elementwise.dx / g_out. Training (elementwise.use_x): elementwise.p and q are computed per block from the sums;
-// eval (dx = g·k, no p or q): the blocks save the elementwise pass's second read of dy when dw or db is wanted.
+// Backward with dx and the sums in one kernel: writes reduce.sum_g / sum_gxmu (for dw and db) and elementwise.dx /
+// g_out, reading dy from memory once. In fused blocks where blocks.fits(): training (elementwise.use_x) computes
+// elementwise.p and q per block from the sums; eval (dx = g·k, no p or q) writes each block's dx from cache. Eval
+// only, elsewhere (kRows; kPlanes with more than kMaxRuns samples): the reduction writes each tile's dx after its sums.
 template <typename scalar_t>
 struct FusedBackwardArgs {
   using acc_t = at::opmath_type<scalar_t>;

@@ -720,6 +720,28 @@ struct PlaneChunks {
   }
 };
 
+// K per-channel arrays as RowCoefs along kRows runs of `rows` whole rows: the arrays themselves for one-row runs, else
+// copies repeated over the rows (a run's positions are its rows' channels one after the other).
+template <typename acc_t, size_t K>
+struct RowRunCoefs {
+  std::vector<acc_t> repeated;
+  std::array<const acc_t*, K> arrays;
+  RowRunCoefs(int64_t C, int64_t rows, const std::array<const acc_t*, K>& channel_arrays)
+      : repeated(rows > 1 ? K * rows * C : 0), arrays(channel_arrays) {
+    for (size_t j = 0; j < K && rows > 1; ++j) {
+      acc_t* out = repeated.data() + j * rows * C;
+      for (int64_t r = 0; r < rows; ++r) std::copy(channel_arrays[j], channel_arrays[j] + C, out + r * C);
+      arrays[j] = out;
+    }
+  }
+  // The coefficients of a run starting at channel c0 (0 for runs of several rows).
+  std::array<RowCoef<acc_t>, K> at(int64_t c0) const {
+    return [&]<size_t... J>(std::index_sequence<J...>) {
+      return std::array<RowCoef<acc_t>, K>{RowCoef<acc_t>(arrays[J] + c0)...};
+    }(std::make_index_sequence<K>{});
+  }
+};
+
 // Runs an elementwise pass in parallel: f(offset, length, coefs) for every contiguous run (a chunk of a plane on
 // kPlanes, rows_per_run(C, W) rows on kRows), coefs[j] being the run's view of the per-channel acc_t array
 // arrays[j] (kRows runs of several rows read copies of the arrays repeated over the run). Non-temporal stores
@@ -741,15 +763,8 @@ void elementwise_runs(const Geometry& g, bool stream, const std::array<const acc
     return;
   }
   const int64_t C = g.C, rows = rows_per_run(C, W), run = rows * C, total = g.N * C;
-  std::vector<acc_t> repeated(rows > 1 ? K * run : 0);
-  auto coefs = each([](const acc_t* a) { return RowCoef<acc_t>(a); });
-  if (rows > 1) {
-    for (size_t j = 0; j < K; ++j) {
-      acc_t* out = repeated.data() + j * run;
-      for (int64_t r = 0; r < rows; ++r) std::copy(arrays[j], arrays[j] + C, out + r * C);
-      coefs[j] = RowCoef<acc_t>(out);
-    }
-  }
+  const RowRunCoefs<acc_t, K> repeated(C, rows, arrays);
+  const auto coefs = repeated.at(0);
   at::parallel_for(0, div_up(g.N, rows), std::max<int64_t>(1, kParallelMin / run), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) f(i * run, std::min(run, total - i * run), coefs);
     stream_fence(stream);
@@ -872,8 +887,7 @@ void forward_fused(const FusedForwardArgs<scalar_t>& a) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Backward reduction: g (masked dy) and g·(x - mean), per channel, on the same tiles as the statistics;
-// per-position acc_t sums, per-tile partials in double, summed over the tiles in a fixed order.
+// Backward, what every schedule shares: the ReLU mask, the step that writes dx (and g) over one run, its tensors.
 //
 // The ReLU mask (kRelu): with kOutputMask, the forward's output y is read and g = dy where y > 0, as torch's
 // threshold_backward does (a fused residual add is masked so: the output costs no memory the next layer does not
@@ -890,6 +904,78 @@ inline T masked(T dy, T xmu, T scale, T shift, T y) {
     return dy;
   }
 }
+
+// Backward elementwise over one contiguous run.
+template <typename scalar_t, bool kOutputMask, bool kRelu, bool kTrain, typename Coef>
+inline void backward_run(const scalar_t* dy, const scalar_t* x, const scalar_t* y, scalar_t* dx, scalar_t* gout,
+                         int64_t n, const Coef& mean, const Coef& scale, const Coef& shift, const Coef& k,
+                         const Coef& p, const Coef& q, bool stream, int64_t prefetch_ahead = 0) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  constexpr int P = IO::kParts;
+  constexpr bool kNeedX = kTrain || kRecomputeMask<kOutputMask, kRelu>;
+  const Vec zero(acc_t(0));
+  vector_steps<IO::kWidth>(n, [&](int64_t i, int64_t count) {
+    Vec d[P], v[P], yv[P], out[P];
+    if (prefetch_ahead != 0) {  // kPrefetchBytes ahead, or the next fused block's (backward_fused_impl)
+      __builtin_prefetch(dy + i + prefetch_ahead, 0, 2);
+      __builtin_prefetch(x + i + prefetch_ahead, 0, 2);
+      if constexpr (kOutputMask) __builtin_prefetch(y + i + prefetch_ahead, 0, 2);
+    }
+    IO::load(dy + i, d, count);
+    if constexpr (kNeedX) IO::load(x + i, v, count);
+    if constexpr (kOutputMask) IO::load(y + i, yv, count);
+    for (int j = 0; j < P; ++j) {
+      Vec g = d[j];
+      Vec xmu;
+      if constexpr (kNeedX) xmu = v[j] - mean.vec(i, j, count);
+      if constexpr (kRelu) {
+        const Vec pre = kOutputMask ? yv[j] : pre_activation(xmu, scale.vec(i, j, count), shift.vec(i, j, count));
+        g = Vec::blendv(zero, g, pre > zero);
+        d[j] = g;
+      }
+      if constexpr (kTrain) {
+        out[j] = at::vec::fmadd(xmu, p.vec(i, j, count), g * k.vec(i, j, count)) + q.vec(i, j, count);
+      } else {
+        out[j] = g * k.vec(i, j, count);
+      }
+    }
+    if (dx != nullptr) IO::store(dx + i, out, stream, count);
+    if (gout != nullptr) IO::store(gout + i, d, stream, count);
+  });
+}
+
+// The backward elementwise pass's tensors (ElementwiseArgs) as pointers, whether its output streams, and
+// backward_run over the run at an element offset: what the unfused, fused, channel-major and tile-by-tile eval
+// schedules share.
+template <typename scalar_t>
+struct BackwardData {
+  const scalar_t* dy;
+  const scalar_t* x;
+  const scalar_t* y;
+  scalar_t* dx;
+  scalar_t* gout;
+  bool stream;
+  explicit BackwardData(const ElementwiseArgs<scalar_t>& e)
+      : dy(e.dy->template data_ptr<scalar_t>()),
+        x(e.x->template data_ptr<scalar_t>()),
+        y(e.output != nullptr ? e.output->template data_ptr<scalar_t>() : nullptr),
+        dx(e.dx != nullptr ? e.dx->template data_ptr<scalar_t>() : nullptr),
+        gout(e.g_out != nullptr ? e.g_out->template data_ptr<scalar_t>() : nullptr),
+        stream(stream_output<VecIO<scalar_t>::kWidth>(e.geom, e.dx != nullptr ? *e.dx : *e.g_out)) {}
+  template <bool kOutputMask, bool kRelu, bool kTrain, typename Coef>
+  C10_ALWAYS_INLINE void run(int64_t off, int64_t n, const Coef& mean, const Coef& scale, const Coef& shift,
+                             const Coef& k, const Coef& p, const Coef& q, int64_t prefetch_ahead) const {
+    backward_run<scalar_t, kOutputMask, kRelu, kTrain>(dy + off, x + off, kOutputMask ? y + off : nullptr,
+                                                       dx ? dx + off : nullptr, gout ? gout + off : nullptr, n, mean,
+                                                       scale, shift, k, p, q, stream, prefetch_ahead);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward reduction: g (masked dy) and g·(x - mean), per channel, on the same tiles as the statistics;
+// per-position acc_t sums, per-tile partials in double, summed over the tiles in a fixed order.
 
 // Per-tile buffers of the backward reduction: mean (and scale, shift for a recomputed mask) expanded per position,
 // and the two per-position sums.
@@ -1151,12 +1237,49 @@ void sum_slots(const ReduceArgs<scalar_t>& a, int64_t slots, const double* part_
   }
 }
 
+// Eval's dx = g·k (and g) of one reduction tile, written by the thread that has just summed it: the tile's dy (and x
+// for a recomputed mask) are read again from L2 (98-256 KiB of dy per tile on the ResNet-50 shapes in channels_last;
+// RunTiles bounds a tile at kMaxRuns runs of kMaxRun positions).
 template <typename scalar_t, bool kOutputMask, bool kRelu>
-void backward_reduce_impl(const ReduceArgs<scalar_t>& a) {
+void write_eval_tile(const BackwardData<scalar_t>& d, const ElementwiseArgs<scalar_t>& e, const RunTile& t,
+                     Layout layout, const RowRunCoefs<at::opmath_type<scalar_t>, 4>& rows) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (layout == Layout::kRows) {  // runs of L positions
+    const auto c = rows.at(t.c0);
+    for (int64_t r = 0; r < t.runs; ++r) {
+      d.template run<kOutputMask, kRelu, false>(t.base + r * t.stride, t.L(), c[0], c[1], c[2], c[3], c[3], c[3], 0);
+    }
+    return;
+  }
+  for (int64_t r = 0; r < t.runs; ++r) {
+    const int64_t run = t.base + r * t.stride;
+    for (int64_t c = t.c0; c < t.c1; ++c) {  // kPlanes: a segment of t.len positions per channel
+      const PlaneCoef<acc_t> mean(e.mean[c]), scale(e.scale[c]), shift(e.shift[c]), k(e.k[c]);
+      d.template run<kOutputMask, kRelu, false>(run + (c - t.c0) * t.len, t.len, mean, scale, shift, k, k, k, 0);
+    }
+  }
+}
+
+// With eval_dx (eval with dx and dw or db), each tile's dx is written right after its sums (write_eval_tile): dy
+// is read from memory once, 3E where a reduction and then an elementwise pass take 4E. fastbn's eval backward (dx, dw,
+// db) over torch's time, float32, 2-core EPYC, medians of 4 alternating runs, two passes -> tile by tile: out of cache
+// channels_last 32x64x56x56 1.03 -> 0.73, 32x256x14x14 1.17 -> 0.99, 32x1024x14x14 0.85 -> 0.72, (4096, 1024)
+// 1.15 -> 0.77; in cache channels_last 8x64x56x56 1.06 -> 0.90, 8x256x28x28 1.01 -> 0.91, but 8x1024x14x14
+// 1.10 -> 1.22. Writing dx inside the reduction's loops instead lost in cache: with the two-run groups 8x256x28x28
+// read 1.44, with one-run groups 8x1024x14x14 read 1.8 (three stores per vector: dx and both per-position sums).
+template <typename scalar_t, bool kOutputMask, bool kRelu>
+void backward_reduce_impl(const ReduceArgs<scalar_t>& a, const ElementwiseArgs<scalar_t>* eval_dx = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const RunTiles rt(a.geom, VecIO<scalar_t>::kWidth);
   const int64_t C = rt.C;
   std::vector<double> part_g(rt.slots() * C), part_gx(rt.slots() * C);
+  std::optional<BackwardData<scalar_t>> d;
+  std::optional<RowRunCoefs<acc_t, 4>> rows;
+  if (eval_dx != nullptr) {
+    d.emplace(*eval_dx);
+    rows.emplace(C, rt.reps,
+                 std::array<const acc_t*, 4>{eval_dx->mean, eval_dx->scale, eval_dx->shift, eval_dx->k});
+  }
 
   at::parallel_for(0, rt.items(), rt.grain(), [&](int64_t begin, int64_t end) {
     ReduceBuffers<acc_t, kRecomputeMask<kOutputMask, kRelu>> buf(rt.max_L());
@@ -1164,7 +1287,9 @@ void backward_reduce_impl(const ReduceArgs<scalar_t>& a) {
       const RunTile t = rt.at(item);
       backward_reduce_tile<scalar_t, kOutputMask, kRelu>(a, t, buf, &part_g[t.slot * C + t.c0],
                                                          &part_gx[t.slot * C + t.c0]);
+      if (d) write_eval_tile<scalar_t, kOutputMask, kRelu>(*d, *eval_dx, t, a.geom.layout, *rows);
     }
+    if (d) stream_fence(d->stream);
   });
 
   at::parallel_for(0, C, 256, [&](int64_t begin, int64_t end) {
@@ -1183,73 +1308,7 @@ void backward_reduce(const ReduceArgs<scalar_t>& a) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Backward elementwise over one contiguous run.
-template <typename scalar_t, bool kOutputMask, bool kRelu, bool kTrain, typename Coef>
-inline void backward_run(const scalar_t* dy, const scalar_t* x, const scalar_t* y, scalar_t* dx, scalar_t* gout,
-                         int64_t n, const Coef& mean, const Coef& scale, const Coef& shift, const Coef& k,
-                         const Coef& p, const Coef& q, bool stream, int64_t prefetch_ahead = 0) {
-  using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
-  using Vec = typename IO::Vec;
-  constexpr int P = IO::kParts;
-  constexpr bool kNeedX = kTrain || kRecomputeMask<kOutputMask, kRelu>;
-  const Vec zero(acc_t(0));
-  vector_steps<IO::kWidth>(n, [&](int64_t i, int64_t count) {
-    Vec d[P], v[P], yv[P], out[P];
-    if (prefetch_ahead != 0) {  // kPrefetchBytes ahead, or the next fused block's (backward_fused_impl)
-      __builtin_prefetch(dy + i + prefetch_ahead, 0, 2);
-      __builtin_prefetch(x + i + prefetch_ahead, 0, 2);
-      if constexpr (kOutputMask) __builtin_prefetch(y + i + prefetch_ahead, 0, 2);
-    }
-    IO::load(dy + i, d, count);
-    if constexpr (kNeedX) IO::load(x + i, v, count);
-    if constexpr (kOutputMask) IO::load(y + i, yv, count);
-    for (int j = 0; j < P; ++j) {
-      Vec g = d[j];
-      Vec xmu;
-      if constexpr (kNeedX) xmu = v[j] - mean.vec(i, j, count);
-      if constexpr (kRelu) {
-        const Vec pre = kOutputMask ? yv[j] : pre_activation(xmu, scale.vec(i, j, count), shift.vec(i, j, count));
-        g = Vec::blendv(zero, g, pre > zero);
-        d[j] = g;
-      }
-      if constexpr (kTrain) {
-        out[j] = at::vec::fmadd(xmu, p.vec(i, j, count), g * k.vec(i, j, count)) + q.vec(i, j, count);
-      } else {
-        out[j] = g * k.vec(i, j, count);
-      }
-    }
-    if (dx != nullptr) IO::store(dx + i, out, stream, count);
-    if (gout != nullptr) IO::store(gout + i, d, stream, count);
-  });
-}
-
-// The backward elementwise pass's tensors (ElementwiseArgs) as pointers, whether its output streams, and
-// backward_run over the run at an element offset: what the unfused, fused and channel-major schedules share.
-template <typename scalar_t>
-struct BackwardData {
-  const scalar_t* dy;
-  const scalar_t* x;
-  const scalar_t* y;
-  scalar_t* dx;
-  scalar_t* gout;
-  bool stream;
-  explicit BackwardData(const ElementwiseArgs<scalar_t>& e)
-      : dy(e.dy->template data_ptr<scalar_t>()),
-        x(e.x->template data_ptr<scalar_t>()),
-        y(e.output != nullptr ? e.output->template data_ptr<scalar_t>() : nullptr),
-        dx(e.dx != nullptr ? e.dx->template data_ptr<scalar_t>() : nullptr),
-        gout(e.g_out != nullptr ? e.g_out->template data_ptr<scalar_t>() : nullptr),
-        stream(stream_output<VecIO<scalar_t>::kWidth>(e.geom, e.dx != nullptr ? *e.dx : *e.g_out)) {}
-  template <bool kOutputMask, bool kRelu, bool kTrain, typename Coef>
-  C10_ALWAYS_INLINE void run(int64_t off, int64_t n, const Coef& mean, const Coef& scale, const Coef& shift,
-                             const Coef& k, const Coef& p, const Coef& q, int64_t prefetch_ahead) const {
-    backward_run<scalar_t, kOutputMask, kRelu, kTrain>(dy + off, x + off, kOutputMask ? y + off : nullptr,
-                                                       dx ? dx + off : nullptr, gout ? gout + off : nullptr, n, mean,
-                                                       scale, shift, k, p, q, stream, prefetch_ahead);
-  }
-};
-
+// Backward elementwise pass: dx (and g) over the whole tensor, from coefficients computed beforehand.
 template <typename scalar_t, bool kOutputMask, bool kRelu, bool kTrain>
 void backward_elementwise_impl(const ElementwiseArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -1378,8 +1437,10 @@ void backward_fused(const FusedBackwardArgs<scalar_t>& a) {
         if constexpr (!kOutputMask || kRelu) {
           if (a.blocks.channel_major) {
             backward_channel_major_impl<scalar_t, kOutputMask, kRelu, kTrain>(a);
-          } else {
+          } else if (a.blocks.fits()) {
             backward_fused_impl<scalar_t, kOutputMask, kRelu, kTrain>(a);
+          } else {  // eval only (see FusedBackwardArgs)
+            backward_reduce_impl<scalar_t, kOutputMask, kRelu>(a.reduce, &a.elementwise);
           }
         }
       });

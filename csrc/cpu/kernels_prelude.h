@@ -33,6 +33,7 @@
 #include <iostream>
 #include <limits>
 #include <numeric>
+#include <optional>
 #include <ostream>
 #include <tuple>
 #include <type_traits>
