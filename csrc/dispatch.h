@@ -51,13 +51,13 @@ decltype(auto) dispatch_types(c10::ScalarType input, c10::ScalarType param, cons
   })
 
 // BOOL_SWITCH(has_residual, kResidual, [&] { kernel<kResidual>(...); });
-#define BOOL_SWITCH(COND, CONST_NAME, ...)      \
-  [&] {                                         \
-    if (COND) {                                 \
-      constexpr bool CONST_NAME = true;         \
-      return __VA_ARGS__();                     \
-    } else {                                    \
-      constexpr bool CONST_NAME = false;        \
-      return __VA_ARGS__();                     \
-    }                                           \
+#define BOOL_SWITCH(COND, CONST_NAME, ...)                 \
+  [&] {                                                    \
+    if (COND) {                                            \
+      [[maybe_unused]] constexpr bool CONST_NAME = true;   \
+      return __VA_ARGS__();                                \
+    } else {                                               \
+      [[maybe_unused]] constexpr bool CONST_NAME = false;  \
+      return __VA_ARGS__();                                \
+    }                                                      \
   }()

@@ -53,7 +53,7 @@ template <int64_t W>
 inline bool stream_output(const Geometry& g, const at::Tensor& out) {
   const int64_t run = g.layout == Layout::kPlanes ? g.S : rows_per_run(g.C, W) * g.C;
   const int64_t run_bytes = run * int64_t(out.element_size());
-  return out.nbytes() > streaming_store_bytes() && run_bytes % 64 == 0 &&
+  return static_cast<int64_t>(out.nbytes()) > streaming_store_bytes() && run_bytes % 64 == 0 &&
          reinterpret_cast<uintptr_t>(out.data_ptr()) % 64 == 0;
 }
 
