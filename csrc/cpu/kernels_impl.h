@@ -380,12 +380,16 @@ inline void run_groups(const RunTile& t, Group&& group) {
 constexpr int64_t kPrefetchBytes = 8192;
 template <typename T>
 constexpr int64_t kPrefetchElements = kPrefetchBytes / int64_t(sizeof(T));
+// Whole runs, `stride` elements apart, that make at least kPrefetchBytes: how far ahead a reduction prefetches.
+template <typename T>
+inline int64_t prefetch_runs(int64_t stride) {
+  return div_up(kPrefetchElements<T>, stride);
+}
 template <int G, typename T>
 struct GroupPrefetch {
   int64_t stride;  // elements between runs
   int64_t ahead;   // runs
-  explicit GroupPrefetch(int64_t run_stride)
-      : stride(run_stride), ahead(std::max<int64_t>(G, (kPrefetchElements<T> + stride - 1) / stride)) {}
+  explicit GroupPrefetch(int64_t run_stride) : stride(run_stride), ahead(std::max<int64_t>(G, prefetch_runs<T>(stride))) {}
   void operator()(const T* p) const {
     if constexpr (G > 1) {
       for (int j = 0; j < G; ++j) __builtin_prefetch(p + (ahead + j) * stride);
@@ -588,7 +592,10 @@ void stats_tile(const scalar_t* x, const RunTile& t, StatsBuffers<at::opmath_typ
   acc_t* sum = buf.sum.data();
   acc_t* sq = buf.sq.data();
   expand_channels(t, shift, [&](int64_t c) { return acc_t(x[t.base + (c - t.c0) * t.len]); });
-  // Runs of at most kRegVectors vectors (channels-last with few channels): the sums stay in registers.
+  // Runs of at most kRegVectors vectors (channels-last with few channels): the sums stay in registers. Each vector's
+  // line of a run kPrefetchBytes or more ahead is requested as it is read: without that, channels_last statistics
+  // read at two thirds of the speed of a plain sum() of the same tensor (32x128x28x28, inputs out of cache, 2-core
+  // EPYC: 299, 295, 301 us against 206, 208, 198 us for the sum; with it 233, 256, 205 us against 197, 231, 142 us).
   const auto in_registers = [&](auto nv_tag) {
     constexpr int NV = decltype(nv_tag)::value;
     Vec k[NV][P], s[NV][P], s2[NV][P];
@@ -599,10 +606,12 @@ void stats_tile(const scalar_t* x, const RunTile& t, StatsBuffers<at::opmath_typ
         s2[v][q] = Vec(acc_t(0));
       }
     }
+    const int64_t ahead = prefetch_runs<scalar_t>(t.stride) * t.stride;
     for (int64_t r = 0; r < t.runs; ++r) {
       const scalar_t* run = x + t.base + r * t.stride;
       for (int v = 0; v < NV; ++v) {
         Vec d[P];
+        __builtin_prefetch(run + v * W + ahead);
         IO::load(run + v * W, d);
         for (int q = 0; q < P; ++q) {
           d[q] = d[q] - k[v][q];
@@ -1017,7 +1026,7 @@ void plane_by_plane_sums(const RunTile& t, typename VecIO<scalar_t>::acc_t* acc_
   constexpr int64_t V = IO::kVec, W = IO::kWidth;
   const int64_t channels = t.c1 - t.c0, whole = t.len / W * W;
   const int64_t fold_runs = std::max<int64_t>(1, kMaxChannelRun / t.len);
-  const int64_t ahead = std::max<int64_t>(1, (kPrefetchElements<scalar_t> + t.stride - 1) / t.stride) * t.stride;
+  const int64_t ahead = prefetch_runs<scalar_t>(t.stride) * t.stride;
   std::fill_n(acc_g, channels * W, acc_t(0));
   std::fill_n(acc_gx, channels * W, acc_t(0));
   std::fill_n(out_g, channels, 0.0);
@@ -1080,6 +1089,12 @@ void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
                                      kRecompute ? shift[q] : zero, sg[q], sgx[q]);
     }
   };
+  // Requests the line of every input at element o.
+  const auto prefetch_inputs = [&](int64_t o) {
+    __builtin_prefetch(dy + o);
+    __builtin_prefetch(x + o);
+    if constexpr (kOutputMask) __builtin_prefetch(y + o);
+  };
   const int64_t L = t.L();
   if (t.c1 - t.c0 == 1 && t.len > 1) {
     const acc_t mean = a.mean[t.c0], scale = a.scale[t.c0], shift = a.shift[t.c0];
@@ -1102,12 +1117,7 @@ void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
           sg += g;
           sgx += g * xmu;
         },
-        [&](int64_t o) {
-          __builtin_prefetch(dy + o);
-          __builtin_prefetch(x + o);
-          if constexpr (kOutputMask) __builtin_prefetch(y + o);
-        },
-        out_g[0], out_gx[0]);
+        prefetch_inputs, out_g[0], out_gx[0]);
     return;
   }
   if (t.len >= W) {
@@ -1121,11 +1131,7 @@ void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
       return [=, &add](int64_t o, int64_t count, Vec* sg, Vec* sgx) {
         add(o, mean, scale, shift, sg, sgx, count);
       };
-    }, [&](int64_t o) {
-      __builtin_prefetch(dy + o);
-      __builtin_prefetch(x + o);
-      if constexpr (kOutputMask) __builtin_prefetch(y + o);
-    });
+    }, prefetch_inputs);
     return;
   }
   acc_t* mean_p = buf.coef.data();
@@ -1165,7 +1171,9 @@ void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
         }
       }
       for (int64_t j = 0; j < t.runs; ++j) {
-        for (int v = 0; v < NV; ++v) add(t.base + j * t.stride + v * W, mean[v], scale[v], shift[v], sg[v], sgx[v]);
+        for (int v = 0; v < NV; ++v) {
+          add(t.base + j * t.stride + v * W, mean[v], scale[v], shift[v], sg[v], sgx[v]);
+        }
       }
       for (int v = 0; v < NV; ++v) {
         for (int q = 0; q < P; ++q) {
