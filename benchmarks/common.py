@@ -135,10 +135,13 @@ def cpu_model():
 
 
 def git_revision(folder):
+    """The checkout's short commit, with -dirty when tracked files other than benchmarks/results/ have changed (a
+    results file rewritten by an earlier run says nothing about the code measured)."""
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True,
                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                                ":(top,exclude)benchmarks/results"], cwd=folder,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return rev + ("-dirty" if dirty else "") if rev else None
     except (OSError, subprocess.SubprocessError):

@@ -82,3 +82,26 @@ def test_bench_model_times_every_variant_with_matching_losses(tmp_path):
         assert row["step_s"] > 0 and row["saved_bytes"] > 0
         assert abs(row["loss"] - rows[0]["loss"]) < 1e-3
     assert "| variant | mode |" in markdown.read_text()
+
+
+def test_results_files_do_not_mark_the_revision_dirty(tmp_path):
+    """Tables record the commit measured; a results file rewritten by an earlier run leaves it clean."""
+    import common
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "fastbn").mkdir()
+    (tmp_path / "fastbn" / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "cpu.md").write_text("old\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-q", "-m", "c")
+    clean = common.git_revision(tmp_path / "fastbn")
+    assert clean and not clean.endswith("-dirty")
+    (tmp_path / "benchmarks" / "results" / "cpu.md").write_text("new\n")
+    assert common.git_revision(tmp_path / "fastbn") == clean
+    (tmp_path / "fastbn" / "code.py").write_text("x = 2\n")
+    assert common.git_revision(tmp_path / "fastbn") == clean + "-dirty"
