@@ -389,7 +389,8 @@ template <int G, typename T>
 struct GroupPrefetch {
   int64_t stride;  // elements between runs
   int64_t ahead;   // runs
-  explicit GroupPrefetch(int64_t run_stride) : stride(run_stride), ahead(std::max<int64_t>(G, prefetch_runs<T>(stride))) {}
+  explicit GroupPrefetch(int64_t run_stride)
+      : stride(run_stride), ahead(std::max<int64_t>(G, prefetch_runs<T>(stride))) {}
   void operator()(const T* p) const {
     if constexpr (G > 1) {
       for (int j = 0; j < G; ++j) __builtin_prefetch(p + (ahead + j) * stride);
@@ -1171,9 +1172,7 @@ void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
         }
       }
       for (int64_t j = 0; j < t.runs; ++j) {
-        for (int v = 0; v < NV; ++v) {
-          add(t.base + j * t.stride + v * W, mean[v], scale[v], shift[v], sg[v], sgx[v]);
-        }
+        for (int v = 0; v < NV; ++v) add(t.base + j * t.stride + v * W, mean[v], scale[v], shift[v], sg[v], sgx[v]);
       }
       for (int v = 0; v < NV; ++v) {
         for (int q = 0; q < P; ++q) {
@@ -1250,9 +1249,9 @@ void sum_slots(const ReduceArgs<scalar_t>& a, int64_t slots, const double* part_
 // RunTiles bounds a tile at kMaxRuns runs of kMaxRun positions).
 template <typename scalar_t, bool kOutputMask, bool kRelu>
 void write_eval_tile(const BackwardData<scalar_t>& d, const ElementwiseArgs<scalar_t>& e, const RunTile& t,
-                     Layout layout, const RowRunCoefs<at::opmath_type<scalar_t>, 4>& rows) {
+                     const RowRunCoefs<at::opmath_type<scalar_t>, 4>& rows) {
   using acc_t = at::opmath_type<scalar_t>;
-  if (layout == Layout::kRows) {  // runs of L positions
+  if (e.geom.layout == Layout::kRows) {  // runs of L positions
     const auto c = rows.at(t.c0);
     for (int64_t r = 0; r < t.runs; ++r) {
       d.template run<kOutputMask, kRelu, false>(t.base + r * t.stride, t.L(), c[0], c[1], c[2], c[3], c[3], c[3], 0);
@@ -1295,7 +1294,7 @@ void backward_reduce_impl(const ReduceArgs<scalar_t>& a, const ElementwiseArgs<s
       const RunTile t = rt.at(item);
       backward_reduce_tile<scalar_t, kOutputMask, kRelu>(a, t, buf, &part_g[t.slot * C + t.c0],
                                                          &part_gx[t.slot * C + t.c0]);
-      if (d) write_eval_tile<scalar_t, kOutputMask, kRelu>(*d, *eval_dx, t, a.geom.layout, *rows);
+      if (d) write_eval_tile<scalar_t, kOutputMask, kRelu>(*d, *eval_dx, t, *rows);
     }
     if (d) stream_fence(d->stream);
   });
