@@ -208,8 +208,9 @@ FASTBN_DECLARE_CPU_KERNELS(strided)
   template Kernels<c10::Half> make_kernels<c10::Half>();            \
   template Kernels<c10::BFloat16> make_kernels<c10::BFloat16>();
 
-// Bytes above which an elementwise pass writes its output with non-temporal stores: half the last-level cache (a
-// smaller output is likely still cached when its reader comes; a larger one has pushed its own start out).
+// Bytes above which an elementwise pass writes its output with non-temporal stores: half the last-level cache, at
+// most 16 MiB (a smaller output is likely still cached when its reader comes; a larger one has pushed its own start
+// out).
 int64_t streaming_store_bytes();
 
 // The vectorised table for this CPU (planes/rows layouts), and the strided table.

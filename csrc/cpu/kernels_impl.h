@@ -16,7 +16,7 @@
 //                         block of whole channels (FusedBlocks, kernels.h) reduced and then differentiated from
 //                         cache, by one thread (many channels; it prefetches its next block meanwhile) or by all
 //                         (channel-major).
-// Outputs larger than half the last-level cache are written with non-temporal stores (stream_output). The writers
+// Outputs larger than streaming_store_bytes() are written with non-temporal stores (stream_output). The writers
 // end a run that is not a whole number of vectors (a 7x7 or 14x14 plane) with a whole vector that overlaps the one
 // before (vector_steps), runs shorter than a vector with masked loads and stores (VecIO); rows of C channels
 // (channels_last) are taken rows_per_run at a time, a whole number of vectors, when C is not a multiple of the
