@@ -278,8 +278,12 @@ def cuda_graph(run, calls):
 
 
 def copy_bandwidth(device, cache_bytes, min_run_time):
-    """Bytes per second of dst.copy_(src) on a buffer far larger than the cache, counting read + write."""
-    nbytes = max(8 * cache_bytes, 256 << 20)
+    """Bytes per second of dst.copy_(src) on buffers larger than the cache, counting read + write.
+
+    src and dst are each twice the cache's size, so no call finds the last one's data there. (Buffers of 8x
+    the cache took 17 s to make and time where a VM's sysfs reports a 480 MB L3.)
+    """
+    nbytes = max(2 * cache_bytes, 256 << 20)
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     seconds, _ = measure(lambda: dst.copy_(src), min_run_time, 4 * min_run_time)
