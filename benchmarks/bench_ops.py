@@ -330,23 +330,24 @@ def spread(row, names):
     return max(row[name + "_iqr_s"] / row[name + "_s"] for name in names)
 
 
-def measure_together(runs, args_, row):
+def measure_together(runs, args_, row, device):
     """Times each of runs ({name: (fn, arg_sets)}) into row[name + "_s"] (and its IQR and sample count), their
-    timing blocks taken in turn (common.measure_interleaved)."""
+    timing blocks taken in turn (common.measure_interleaved), on CPU leaving out blocks that page-faulted."""
     calls = {name: common.rotating(fn, arg_sets) for name, (fn, arg_sets) in runs.items()}
     copies = len(next(iter(runs.values()))[1])
     results = common.measure_interleaved(calls, args_.min_time, args_.max_time, warmup=0,
-                                         graph_calls=graph_calls(args_, copies))
+                                         graph_calls=graph_calls(args_, copies),
+                                         skip_faulted=device.type == "cpu")
     for name, (seconds, m) in results.items():
         row[name + "_s"], row[name + "_iqr_s"], row[name + "_samples"] = seconds, m.iqr, len(m.times)
 
 
-def time_case(runs, args_, row):
+def time_case(runs, args_, row, device):
     """measure_together, and once more when an implementation's blocks are unsettled (UNSETTLED_SPREAD)."""
-    measure_together(runs, args_, row)
+    measure_together(runs, args_, row, device)
     if spread(row, runs) > UNSETTLED_SPREAD:
         again = {}
-        measure_together(runs, args_, again)
+        measure_together(runs, args_, again, device)
         if spread(again, runs) < spread(row, runs):
             row.update(again)
         row["retimed"] = True
@@ -383,7 +384,7 @@ def run_case(name, inp, args_, device, want_compile):
         except Exception as exc:
             row["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     try:
-        time_case(runs, args_, row)
+        time_case(runs, args_, row, device)
     except Exception as exc:
         row["error"] = f"timing: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         return row

@@ -4,11 +4,15 @@ own tables."""
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_ops  # noqa: E402
+import common  # noqa: E402
 
 
 def test_bench_ops_writes_checked_rows(tmp_path):
@@ -45,14 +49,14 @@ def test_unsettled_case_is_timed_again_and_the_steadier_timing_kept(monkeypatch)
                     {"torch": (6e-3, 1e-4), "fastbn": (2.5e-3, 1e-4)}])
     calls = []
 
-    def fake_measure(runs, args_, row):
+    def fake_measure(runs, args_, row, device):
         calls.append(row)
         for name, (seconds, iqr) in next(timings).items():
             row[name + "_s"], row[name + "_iqr_s"], row[name + "_samples"] = seconds, iqr, 5
 
     monkeypatch.setattr(bench_ops, "measure_together", fake_measure)
     row = {}
-    bench_ops.time_case({"torch": None, "fastbn": None}, None, row)
+    bench_ops.time_case({"torch": None, "fastbn": None}, None, row, torch.device("cpu"))
     assert len(calls) == 2 and row["retimed"]
     assert row["fastbn_s"] == 2.5e-3 and row["fastbn_iqr_s"] == 1e-4
 
@@ -60,14 +64,32 @@ def test_unsettled_case_is_timed_again_and_the_steadier_timing_kept(monkeypatch)
 def test_settled_case_is_timed_once(monkeypatch):
     calls = []
 
-    def fake_measure(runs, args_, row):
+    def fake_measure(runs, args_, row, device):
         calls.append(row)
         row.update(torch_s=6e-3, torch_iqr_s=3e-4, fastbn_s=3e-3, fastbn_iqr_s=6e-4)
 
     monkeypatch.setattr(bench_ops, "measure_together", fake_measure)
     row = {}
-    bench_ops.time_case({"torch": None, "fastbn": None}, None, row)
+    bench_ops.time_case({"torch": None, "fastbn": None}, None, row, torch.device("cpu"))
     assert len(calls) == 1 and "retimed" not in row
+
+
+def test_blocks_that_page_faulted_are_left_out(monkeypatch):
+    """The first calls fault (a growing heap) and are slow; the median comes from the calls after them."""
+    faults = [0]
+    calls = [0]
+
+    def run():
+        calls[0] += 1
+        if calls[0] <= 6:
+            faults[0] += 1
+            time.sleep(0.05)
+        else:
+            time.sleep(0.001)
+
+    monkeypatch.setattr(common, "_page_faults", lambda: faults[0])
+    seconds, _ = common.measure_interleaved({"run": run}, 0.01, 0.05, warmup=0, skip_faulted=True)["run"]
+    assert seconds < 0.02  # the faulted blocks' 50 ms calls are not in the median
 
 
 def test_bench_model_times_every_variant_with_matching_losses(tmp_path):
