@@ -100,7 +100,13 @@ constexpr int64_t kMaxChannelRun = 16384;
 // 7x7 and 14x14 (backward 32x512x14x14 0.89 vs 1.27 ms) and matched 1 MiB ones elsewhere; 64, 128 and 512 KiB were
 // no better. Two schedules:
 //   per-thread     one thread reduces a block and writes its output (from L2), prefetching the next block while it
-//                  writes: C >= kMinBlocks, N <= kMaxRuns. Forward and backward.
+//                  writes when the block is at most kMaxPrefetchedBytes: C >= kMinBlocks, N <= kMaxRuns. Forward and
+//                  backward. A larger block (one channel of 56x56 or 112x112 planes at batch 32: 0.4-3.2 MB of
+//                  inputs) and its successor do not both fit in L2, and the prefetch evicted the lines the output
+//                  pass was about to read again. On a 2-vCPU Xeon (2 MiB L2), fastbn's time, float32 NCHW inputs out
+//                  of cache, 3 alternating runs each, prefetching against not: backward 32x64x112x112 17.0-17.5 ->
+//                  13.6 ms, 32x128x56x56 7.0-7.3 -> 5.9-6.1 ms, 32x256x56x56 14.1-14.4 -> 11.6-12.0 ms; forward
+//                  32x64x112x112 9.2-9.5 -> 8.0-8.3 ms. The forward's 0.4 MB blocks (56x56) still gain from it.
 //   channel-major  fewer channels than kMinBlocks (a (20, 6, 65536) input): the blocks are the reduction's own
 //                  channel blocks (RunTiles), taken one after the other, every thread reducing a share of the block
 //                  and then writing a share of its dx, from the last-level cache when the block fits there.
@@ -123,10 +129,12 @@ struct FusedBlocks {
   static constexpr int64_t kMaxBytes = 1 << 18;   // a block's inputs; the next block is prefetched meanwhile
   static constexpr int64_t kMinBlocks = 16;       // work items for the threads
   static constexpr int64_t kMinRegisterPlane = 512;  // backward: one channel per block from 28x28 planes
+  static constexpr int64_t kMaxPrefetchedBytes = 1 << 19;  // blocks up to this size prefetch their successor
   bool channel_major = false;
   int64_t cb = 0;      // per-thread: channels per block
   int64_t blocks = 0;  // per-thread: blocks; 0 (and !channel_major): the shape does not fit, use the unfused passes
   int64_t chunk = 0;   // per-thread: positions per tile: S, or chunks of a long plane (plane_chunk)
+  bool prefetch_next = false;  // per-thread: request the next block's inputs while writing this block's output
   FusedBlocks(const Geometry& g, int64_t input_bytes_per_value, bool backward) {
     if (g.layout != Layout::kPlanes) return;
     if (g.C < kMinBlocks) {
@@ -139,6 +147,7 @@ struct FusedBlocks {
     cb = backward && g.S >= kMinRegisterPlane ? 1 : std::max<int64_t>(cb, 1);
     blocks = (g.C + cb - 1) / cb;
     chunk = plane_chunk(g.S, cb == 1 ? kMaxChannelRun : kMaxPositions);
+    prefetch_next = cb * channel_bytes <= kMaxPrefetchedBytes;
   }
   bool fits() const { return channel_major || blocks > 0; }
 };

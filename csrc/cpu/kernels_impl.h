@@ -874,7 +874,7 @@ void forward_fused_impl(const FusedForwardArgs<scalar_t>& a) {
         scale[c - c0] = a.invstd[c] * a.weight[c];
         shift[c - c0] = a.bias[c];
       }
-      const bool prefetch_next = b + 1 < end;
+      const bool prefetch_next = a.blocks.prefetch_next && b + 1 < end;
       for (int64_t n = 0; n < N; ++n) {
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t off = (n * C + c) * S;
@@ -1378,7 +1378,7 @@ void backward_fused_impl(const FusedBackwardArgs<scalar_t>& a) {
         r.sum_gxmu[c] = static_cast<acc_t>(sum_gx[j]);
         if constexpr (kTrain) train_dx_coefficients(e.k[c], a.invstd[c], r.sum_g[c], r.sum_gxmu[c], N * S, p[j], q[j]);
       }
-      const bool prefetch_next = b + 1 < end;
+      const bool prefetch_next = a.blocks.prefetch_next && b + 1 < end;
       for (int64_t n = 0; n < N; ++n) {
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t off = (n * C + c) * S;
