@@ -91,9 +91,9 @@ def tune_cpu_allocator():
     glibc serves blocks over 32 MB with mmap and unmaps them on free, so every large output tensor is
     page-faulted afresh: on the 2-core VM this costs ~10x a copy of the same bytes and swamps the kernels
     being compared. M_MMAP_MAX=0 and M_TRIM_THRESHOLD=-1 (never trim) make freed blocks reusable, as CUDA's
-    caching allocator (or jemalloc) does. Both torch and fastbn benefit alike. (A 2 GB trim threshold was not
-    enough: once a case had freed more than that at the heap's top, every call trimmed its freed output and
-    faulted the next one in, and a 9 ms forward read 200 ms.)
+    caching allocator (or jemalloc) does. Both torch and fastbn benefit alike. (With a 2 GB trim threshold,
+    bench_ops on three ResNet-50 shapes with torch.compile took 11.4M page faults and 111 s on the 2-vCPU Xeon
+    guest, against 2.8M and 64 s without trimming.)
     """
     if not sys.platform.startswith("linux"):
         return "system allocator (not Linux)"

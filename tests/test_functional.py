@@ -311,7 +311,7 @@ def test_larger_shapes(shape, dtype, fmt, training, use_residual, relu):
 @pytest.mark.parametrize("use_residual", [False, True], ids=["bn", "add"])
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 def test_streamed_outputs(fmt, use_residual):
-    """Outputs past half the last-level cache (34 MB here; the threshold is at most 16 MiB) take non-temporal stores.
+    """Outputs past streaming_store_bytes() (half the last-level cache, at most 16 MiB; 34 MB here) are streamed.
 
     No ReLU: among 8.5M values some pre-activation lies within rounding of 0, where torch's mask and ours may differ.
     """

@@ -14,8 +14,8 @@
 //   backward_elementwise  2E read + 1E write (dy only when eval without ReLU: 1E + 1E; +1E for g_out).
 //   backward_fused        backward on kPlanes (training; eval when dw or db is wanted): 2E read + 1E write, per
 //                         block of whole channels (FusedBlocks, kernels.h) reduced and then differentiated from
-//                         cache, by one thread (many channels; it prefetches its next block meanwhile) or by all
-//                         (channel-major).
+//                         cache, by one thread (many channels; it prefetches its next block meanwhile when the
+//                         two fit in L2) or by all (channel-major).
 // Outputs larger than streaming_store_bytes() are written with non-temporal stores (stream_output). The writers
 // end a run that is not a whole number of vectors (a 7x7 or 14x14 plane) with a whole vector that overlaps the one
 // before (vector_steps), runs shorter than a vector with masked loads and stores (VecIO); rows of C channels
