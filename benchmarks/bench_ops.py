@@ -43,8 +43,9 @@ properties, 64 MB when unknown). --warm-cache reuses one set instead, as a layer
 layer has just written: it times the kernels' work from cache, which the rotated default hides behind memory.
 Every call allocates its outputs, as in real use. On CPU glibc is told to keep freed memory (see
 common.tune_cpu_allocator): otherwise every output over 32 MB is page-faulted afresh, which costs several
-times the kernel on a small VM; --system-malloc keeps glibc's default. Copy bandwidth is dst.copy_(src) on
-a buffer far larger than the cache, measured at the start and the end of the run (the larger is used);
+times the kernel on a small VM; timing blocks that page-fault all the same (while the heap still grows) are left
+out of the medians. --system-malloc keeps glibc's default, faults included. Copy bandwidth is dst.copy_(src) on
+buffers twice the cache's size, measured at the start and the end of the run (the larger is used);
 "% copy" is fastbn's GB/s over it. On a fast GPU the Python and launch overhead of one call (~10 us) can
 exceed a small shape's kernel: --cuda-graphs times CUDA-graph replays instead (torch's kernels, fastbn's
 ops and the compiled code are all capturable).
@@ -332,12 +333,13 @@ def spread(row, names):
 
 def measure_together(runs, args_, row, device):
     """Times each of runs ({name: (fn, arg_sets)}) into row[name + "_s"] (and its IQR and sample count), their
-    timing blocks taken in turn (common.measure_interleaved), on CPU leaving out blocks that page-faulted."""
+    timing blocks taken in turn (common.measure_interleaved), on CPU with the tuned allocator leaving out blocks
+    that page-faulted."""
     calls = {name: common.rotating(fn, arg_sets) for name, (fn, arg_sets) in runs.items()}
     copies = len(next(iter(runs.values()))[1])
     results = common.measure_interleaved(calls, args_.min_time, args_.max_time, warmup=0,
                                          graph_calls=graph_calls(args_, copies),
-                                         skip_faulted=device.type == "cpu")
+                                         skip_faulted=device.type == "cpu" and not args_.system_malloc)
     for name, (seconds, m) in results.items():
         row[name + "_s"], row[name + "_iqr_s"], row[name + "_samples"] = seconds, m.iqr, len(m.times)
 
