@@ -5,8 +5,14 @@
 #include <ATen/Version.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <fstream>
 #include <string>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 #include "kernels.h"
 
@@ -96,6 +102,22 @@ int64_t streaming_store_bytes() {
     return (best_size > 0 ? std::min(best_size, kUsableCache) : kUsableCache) / 2;
   }();
   return bytes;
+}
+
+bool pages_in_memory(const void* p, int64_t nbytes) {
+#if defined(__linux__)
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto in_memory = [](uintptr_t address) {
+    unsigned char status = 0;
+    return mincore(reinterpret_cast<void*>(address & ~(page - 1)), 1, &status) == 0 && (status & 1) != 0;
+  };
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p);
+  return nbytes <= 0 || (in_memory(first) && in_memory(first + static_cast<uintptr_t>(nbytes) - 1));
+#else
+  (void)p;
+  (void)nbytes;
+  return true;
+#endif
 }
 
 template <typename scalar_t>

@@ -222,6 +222,12 @@ FASTBN_DECLARE_CPU_KERNELS(strided)
 // out).
 int64_t streaming_store_bytes();
 
+// Whether the first and the last page of the nbytes at p are in memory (mincore; true where it is unavailable). A
+// block the allocator has just mapped is not: glibc maps blocks over its mmap threshold (32 MB at most) afresh and
+// unmaps them on free. fastbn's forward-eval of NCHW 32x128x56x56 (51 MB of output) with glibc's default allocator,
+// 2-vCPU Xeon, best of 3 medians: 11.6-11.8 ms with plain stores, 17.8-18.1 ms streamed; torch's 12.3-12.7 ms.
+bool pages_in_memory(const void* p, int64_t nbytes);
+
 // The vectorised table for this CPU (planes/rows layouts), and the strided table.
 template <typename scalar_t>
 const Kernels<scalar_t>& vector_kernels();

@@ -47,14 +47,17 @@ constexpr int64_t kParallelMin = 32768;
 // stream: where runs end mid-line, the lines they share take plain stores beside streamed ones, and a 7x7 NCHW
 // normalize ran 10x slower so. Measured on the 2-core EPYC, alternating runs: backward NCHW 32x64x56x56 (25.7 MB
 // of dx) 1.73 -> 1.41 ms streaming, 32x128x28x28 (12.8 MB) 0.75 -> 0.68 ms; eval channels_last 32x256x14x14
-// (6.4 MB) 0.17 -> 0.11 ms.
+// (6.4 MB) 0.17 -> 0.11 ms. An output whose pages are not in memory yet (pages_in_memory, kernels.h) takes plain
+// stores: each page faults on its first store and the kernel zeroes it into the cache, where plain stores overwrite
+// it, while streamed lines made the zeroed ones go to memory as well.
 inline int64_t rows_per_run(int64_t C, int64_t W);
 template <int64_t W>
 inline bool stream_output(const Geometry& g, const at::Tensor& out) {
   const int64_t run = g.layout == Layout::kPlanes ? g.S : rows_per_run(g.C, W) * g.C;
   const int64_t run_bytes = run * int64_t(out.element_size());
-  return static_cast<int64_t>(out.nbytes()) > streaming_store_bytes() && run_bytes % 64 == 0 &&
-         reinterpret_cast<uintptr_t>(out.data_ptr()) % 64 == 0;
+  const int64_t nbytes = static_cast<int64_t>(out.nbytes());
+  return nbytes > streaming_store_bytes() && run_bytes % 64 == 0 &&
+         reinterpret_cast<uintptr_t>(out.data_ptr()) % 64 == 0 && pages_in_memory(out.data_ptr(), nbytes);
 }
 
 template <typename VecT>
