@@ -6,7 +6,7 @@
 # Writes the report to PTXAS_LOG and lists every kernel compilation that spills. Exits 1 when one spills more
 # than SPILL_LIMIT bytes (stores or loads): .ci/cuda_build.sh fails on that, benchmarks/gpu_check.sh warns.
 #
-# nvcc 13 reports spills in 28 of fastbn's 240 compilations, 4 to 24 bytes of stores (60 of loads). In the SASS
+# nvcc 13 reports spills in 28 of fastbn's 288 compilations, 4 to 24 bytes of stores (60 of loads). In the SASS
 # (cuobjdump -sass) of normalize_rows_kernel<double> and stats_rows_kernel<Half> they are registers saved across
 # calls of slow-path subroutines (IEEE division, fp64 square root): STL/LDL around CALL.REL, in the Welford merges
 # and epilogues. persistent_backward_planes_kernel on 16-bit inputs spills two 4-byte values early in the

@@ -94,14 +94,17 @@ __device__ __forceinline__ void rows_reduce_init(const BwdParams<param_t, acc_t>
     for (int v = 0; v < W; ++v) k[v] = params.get(c0 + v, acc_t(0), acc_t(0)).fwd;
 }
 
-// Backward reduction, planes layout. Traffic: 2E read (+1E read of y when relu and given). Launch: grid (C, splits),
-// 1-D blocks; last-block-done merge of the (Σg, Σg·(x-mean)) partials in split order, then the epilogue
-// (grad_weight, grad_bias, or the sums / means for the elementwise pass).
-template <typename scalar_t, typename param_t, typename acc_t, typename index_t>
+// Backward reduction, planes layout. Traffic: 2E read (+1E read of y when relu and given); kEvalGrads (eval, whose
+// dx = k*g needs no sums) also writes dx and grad_residual where not null, +1E each, so that eval's whole backward
+// is one pass (a template flag: the training reduction keeps its registers). Launch: grid (C, splits), 1-D blocks;
+// last-block-done merge of the (Σg, Σg·(x-mean)) partials in split order, then the epilogue (grad_weight,
+// grad_bias, or the sums / means for the elementwise pass).
+template <typename scalar_t, typename param_t, typename acc_t, typename index_t, bool kEvalGrads>
 __global__ void __launch_bounds__(kMaxThreads)
     backward_reduce_planes_kernel(PlanesGeom<index_t> g, Sums2<acc_t>* partials, unsigned* counters,
                                   const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                  const scalar_t* __restrict__ y, BwdParams<param_t, acc_t> params,
+                                  const scalar_t* __restrict__ y, scalar_t* __restrict__ dx,
+                                  scalar_t* __restrict__ dr, BwdParams<param_t, acc_t> params,
                                   BwdReduceOut<param_t, acc_t> out, bool relu) {
   __shared__ Sums2<acc_t> scratch[32];
   const index_t c = blockIdx.x;
@@ -109,10 +112,14 @@ __global__ void __launch_bounds__(kMaxThreads)
   Sums2<acc_t> sum{acc_t(0), acc_t(0)};
   with_width<scalar_t>(g.vec, [&](auto width) {
     constexpr int W = decltype(width)::value;
+    BwdCoef<acc_t> b[W];
     Coef<acc_t> k[W];
-    k[0] = params.get(c, acc_t(0), acc_t(0)).fwd;
+    b[0] = params.get(c, acc_t(0), acc_t(0));
 #pragma unroll
-    for (int v = 1; v < W; ++v) k[v] = k[0];
+    for (int v = 0; v < W; ++v) {
+      b[v] = b[0];
+      k[v] = b[0].fwd;
+    }
     Sums2<acc_t> lanes[W];
 #pragma unroll
     for (int v = 0; v < W; ++v) lanes[v] = Sums2Op<acc_t>::identity();
@@ -123,6 +130,8 @@ __global__ void __launch_bounds__(kMaxThreads)
       masked_grad<W>(load_pack<W>(dy + off), load_pack<W>(x + off), y != nullptr ? y + off : nullptr, k, relu, gv,
                      xmu);
       add_grads(lanes, gv, xmu);
+      if constexpr (kEvalGrads)
+        store_grads<W>(dx != nullptr ? dx + off : nullptr, dr != nullptr ? dr + off : nullptr, gv, xmu, b, false);
     }
 #pragma unroll
     for (int v = 0; v < W; ++v) sum = Sums2Op<acc_t>()(sum, lanes[v]);
@@ -131,14 +140,14 @@ __global__ void __launch_bounds__(kMaxThreads)
                      [&](const Sums2<acc_t>& total) { out.finalize(c, total); });
 }
 
-// Backward reduction, rows layout. Traffic: 2E read (+1E read of y when relu and given). Launch: grid (tiles, splits),
-// blocks (tx, ty), dynamic shared memory of tx*ty partial pairs; last-block-done merge per tile.
-template <typename scalar_t, typename param_t, typename acc_t, typename index_t>
+// Backward reduction, rows layout. Traffic: as the planes kernel (kEvalGrads included). Launch: grid (tiles,
+// splits), blocks (tx, ty), dynamic shared memory of tx*ty partial pairs; last-block-done merge per tile.
+template <typename scalar_t, typename param_t, typename acc_t, typename index_t, bool kEvalGrads>
 __global__ void __launch_bounds__(kMaxThreads)
     backward_reduce_rows_kernel(RowsGeom<index_t> g, Sums2<acc_t>* partials, unsigned* counters,
                                 const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                const scalar_t* __restrict__ y, BwdParams<param_t, acc_t> params,
-                                BwdReduceOut<param_t, acc_t> out, bool relu) {
+                                const scalar_t* __restrict__ y, scalar_t* __restrict__ dx, scalar_t* __restrict__ dr,
+                                BwdParams<param_t, acc_t> params, BwdReduceOut<param_t, acc_t> out, bool relu) {
   Sums2<acc_t>* smem = dynamic_shared<Sums2<acc_t>>();
   const unsigned split = blockIdx.y, splits = gridDim.y;
   with_width<scalar_t>(g.vec, [&](auto width) {
@@ -149,6 +158,9 @@ __global__ void __launch_bounds__(kMaxThreads)
     Coef<acc_t> k[W];
     rows_reduce_init(params, c0, active, lanes, k);
     if (active) {
+      BwdCoef<acc_t> b[W];
+#pragma unroll
+      for (int v = 0; v < W; ++v) b[v] = params.get(c0 + v, acc_t(0), acc_t(0));
       const index_t step = static_cast<index_t>(splits) * blockDim.y;
       for (index_t r = static_cast<index_t>(split) * blockDim.y + threadIdx.y; r < g.R; r += step) {
         const index_t off = r * g.C + c0;
@@ -156,6 +168,8 @@ __global__ void __launch_bounds__(kMaxThreads)
         masked_grad<W>(load_pack<W>(dy + off), load_pack<W>(x + off), y != nullptr ? y + off : nullptr, k, relu,
                        gv, xmu);
         add_grads(lanes, gv, xmu);
+        if constexpr (kEvalGrads)
+          store_grads<W>(dx != nullptr ? dx + off : nullptr, dr != nullptr ? dr + off : nullptr, gv, xmu, b, false);
       }
     }
 #pragma unroll
@@ -352,15 +366,18 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 template <typename S, typename P, typename A>
 void launch_backward_reduce(const Geometry& g, const at::Tensor& input, const S* dy, const S* x, const S* y,
-                            const BwdParams<P, A>& params, const BwdReduceOut<P, A>& out, bool relu) {
-  launch_grid_stride<S, Sums2<A>>(
-      g, input,
-      [](auto index) {
-        using index_t = decltype(index);
-        return std::make_pair(backward_reduce_planes_kernel<S, P, A, index_t>,
-                              backward_reduce_rows_kernel<S, P, A, index_t>);
-      },
-      dy, x, y, params, out, relu);
+                            S* eval_dx, S* eval_dr, const BwdParams<P, A>& params, const BwdReduceOut<P, A>& out,
+                            bool relu) {
+  BOOL_SWITCH(eval_dx != nullptr || eval_dr != nullptr, kEvalGrads, [&] {
+    launch_grid_stride<S, Sums2<A>>(
+        g, input,
+        [](auto index) {
+          using index_t = decltype(index);
+          return std::make_pair(backward_reduce_planes_kernel<S, P, A, index_t, kEvalGrads>,
+                                backward_reduce_rows_kernel<S, P, A, index_t, kEvalGrads>);
+        },
+        dy, x, y, eval_dx, eval_dr, params, out, relu);
+  });
 }
 
 template <typename S, typename P, typename A>
@@ -388,7 +405,7 @@ bool launch_persistent_backward(const Geometry& g, const at::Tensor& input, cons
 
 #define FASTBN_INSTANTIATE_BACKWARD(S, P, A)                                                                        \
   template void launch_backward_reduce<S, P, A>(const Geometry&, const at::Tensor&, const S*, const S*, const S*,   \
-                                                const BwdParams<P, A>&, const BwdReduceOut<P, A>&, bool);          \
+                                                S*, S*, const BwdParams<P, A>&, const BwdReduceOut<P, A>&, bool);  \
   template void launch_backward_elementwise<S, P, A>(const Geometry&, const at::Tensor&, const S*, const S*,       \
                                                      const S*, S*, S*, const BwdParams<P, A>&, bool, bool);         \
   template bool launch_persistent_backward<S, P, A>(const Geometry&, const at::Tensor&, const S*, const S*,        \

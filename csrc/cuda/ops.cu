@@ -9,7 +9,8 @@
 //  - path (forward-train, training backward with grad_input): the persistent single-read kernels when the
 //    tensor fits in the registers of the blocks that can be resident at once (max_cooperative_blocks), else
 //    two passes. FASTBN_CUDA_PATH=persistent|two_pass|auto overrides it (tests, benchmarks); "persistent"
-//    still takes two passes when the tensor does not fit.
+//    still takes two passes when the tensor does not fit. Eval backward is one pass: the reduction kernel writes
+//    dx when dw or db is asked, the elementwise kernel alone runs otherwise.
 //  - 16-byte vectors when every big tensor is 16-byte aligned and the plane (planes) or row (rows) length is a
 //    multiple of a pack; otherwise the same kernels run on single elements (misaligned views, odd tails).
 //  - 32-bit indexing when the offsets fit, else 64-bit.
@@ -296,9 +297,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
       out.mean_dy = means.data_ptr<acc_t>();
       out.mean_dy_xhat = out.mean_dy + g.C;
     }
+    // Eval's dx = k*g needs no sums: with dw or db it is written by the reduction's pass (3E instead of 4E).
+    const bool eval_in_reduce = !training && (need_dw || need_db);
     if (need_dw || need_db || (training && need_dx))
-      launch_backward_reduce<scalar_t, param_t, acc_t>(g, input, d, x, yp, params, out, relu);
-    if (need_dx || need_dr) {
+      launch_backward_reduce<scalar_t, param_t, acc_t>(g, input, d, x, yp, eval_in_reduce ? dxp : nullptr,
+                                                       eval_in_reduce ? drp : nullptr, params, out, relu);
+    if ((need_dx || need_dr) && !eval_in_reduce) {
       if (training && need_dx) {
         params.mean_dy = ChannelIn<acc_t>{out.mean_dy, 1};
         params.mean_dy_xhat = ChannelIn<acc_t>{out.mean_dy_xhat, 1};
@@ -382,7 +386,7 @@ std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_output, const Tens
     auto out = bwd_reduce_out(params, g.m);
     out.sum_dy = sum_dy.data_ptr<acc_t>();
     out.sum_dy_xhat = sum_dy_xhat.data_ptr<acc_t>();
-    launch_backward_reduce<scalar_t, param_t, acc_t>(g, input, d, x, yp, params, out, relu);
+    launch_backward_reduce<scalar_t, param_t, acc_t>(g, input, d, x, yp, nullptr, nullptr, params, out, relu);
   });
   return {sum_dy, sum_dy_xhat};
 }

@@ -264,10 +264,12 @@ bool launch_persistent_forward(const Geometry& g, const at::Tensor& input, const
                                int64_t* num_batches_tracked, bool relu);
 
 // Σg and Σg·(x - mean) per channel (g = dy masked by the ReLU: y > 0 where y, the
-// forward's output, is given, else the recomputed pre-activation > 0), into `out`.
+// forward's output, is given, else the recomputed pre-activation > 0), into `out`; in the same pass eval's
+// dx = k*g and grad_residual = g where eval_dx / eval_dr are not null (`params` then holds no mean terms).
 template <typename S, typename P, typename A>
 void launch_backward_reduce(const Geometry& g, const at::Tensor& input, const S* dy, const S* x, const S* y,
-                            const BwdParams<P, A>& params, const BwdReduceOut<P, A>& out, bool relu);
+                            S* eval_dx, S* eval_dr, const BwdParams<P, A>& params, const BwdReduceOut<P, A>& out,
+                            bool relu);
 
 // dx (nullable) and grad_residual = g (nullable).
 template <typename S, typename P, typename A>

@@ -232,6 +232,27 @@ def test_forward_eval(emu, cpu, shape, fmt, dtype, pdtype):
                  msg="vs torch")
 
 
+@pytest.mark.parametrize("shape,fmt", layout_params())
+@pytest.mark.parametrize("dtype,pdtype", DTYPE_CASES)
+@pytest.mark.parametrize("relu_from", [None, "x", "y"], ids=["norelu", "relu-x", "relu-y"])
+def test_backward_eval(emu, cpu, shape, fmt, dtype, pdtype, relu_from):
+    """Eval backward in one launch: the reduction writes dx (and grad_residual) when dw or db is asked."""
+    x = make(shape, dtype, fmt)
+    w, b, rm, rv = params(shape[1], pdtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    mean, invstd = rm.to(acc), torch.rsqrt(rv.to(acc) + 1e-5)
+    relu = relu_from is not None
+    y = cpu.forward_eval(x, w, b, support.make_like(x), rm, rv, 1e-5, True) if relu_from == "y" else None
+    dy = support.make_like(x)
+    for mask in ([True, True, True, True], [True, False, True, False], [True, False, False, True]):
+        got, launched, _ = launches(emu, lambda: emu.backward(dy, x, w, b, y, mean, invstd, False, relu, mask))
+        want = cpu.backward(dy, x, w, b, y, mean, invstd, False, relu, mask)
+        assert launched == 1, f"mask {mask}: expected one launch, got {launched}"
+        for g, wn, name, selected in zip(got, want, BWD_NAMES, mask):
+            if selected:
+                assert_same_results([g], [wn], dtype, [name])
+
+
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("mask", [[True, True, True, True], [True, False, False, False], [False, True, True, False],
                                   [False, False, False, True], [False, True, False, False]],
