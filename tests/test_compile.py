@@ -1,5 +1,6 @@
 """torch.compile(fullgraph=True) of fastbn modules and of functional.batch_norm: no graph break, and the
-compiled model's outputs, gradients, running statistics and num_batches_tracked match eager mode.
+compiled model's outputs, gradients, running statistics and num_batches_tracked match eager mode; the same for a
+model exported with torch.export.
 
 (torch.nn.BatchNorm2d(momentum=None) itself cannot be compiled with fullgraph=True: it computes the
 factor 1/num_batches_tracked on the host. fastbn reads the counter inside the op.)"""
@@ -117,3 +118,23 @@ def test_compiled_16bit_channels_last_eval():
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert_close(y, F.batch_norm(F.relu(F.batch_norm(x, model[0].running_mean, model[0].running_var)),
                                  model[1].running_mean, model[1].running_var))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_exported_model_matches_eager(training):
+    """torch.export records fastbn's ops (through their fake implementations); the exported program's module gives
+    eager mode's outputs, gradients and, in training, running statistics and counters."""
+    model = Net().double().train(training)
+    eager = copy.deepcopy(model)
+    x = make_input((4, 3, 5, 5), torch.float64, "channels_last")
+    program = torch.export.export(model, (x,))
+    op = "forward_train" if training else "forward_eval"
+    assert sum(node.target == getattr(torch.ops.fastbn, op).default for node in program.graph.nodes) == 4
+    exported = program.module()
+    x_exported, x_eager = leaf(x), leaf(x)
+    y, y_eager = exported(x_exported), eager(x_eager)
+    assert_close(y, y_eager, msg="output")
+    y.square().sum().backward()
+    y_eager.square().sum().backward()
+    assert_close(x_exported.grad, x_eager.grad, msg="grad input")
+    _compare_state(exported, eager, "after the call")
