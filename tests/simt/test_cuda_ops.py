@@ -244,7 +244,8 @@ def test_backward_eval(emu, cpu, shape, fmt, dtype, pdtype, relu_from):
     relu = relu_from is not None
     y = cpu.forward_eval(x, w, b, support.make_like(x), rm, rv, 1e-5, True) if relu_from == "y" else None
     dy = support.make_like(x)
-    for mask in ([True, True, True, True], [True, False, True, False], [True, False, False, True]):
+    masks = [[True, True, True, True], [True, False, True, False], [False, True, False, True], [True, False, False, True]]
+    for mask in masks:
         got, launched, _ = launches(emu, lambda: emu.backward(dy, x, w, b, y, mean, invstd, False, relu, mask))
         want = cpu.backward(dy, x, w, b, y, mean, invstd, False, relu, mask)
         assert launched == 1, f"mask {mask}: expected one launch, got {launched}"
