@@ -326,12 +326,15 @@ def test_streamed_outputs(fmt, use_residual):
 # planes longer than one fused tile too, and with fewer channels in the channel-major backward), short planes
 # packed many to a run with several channel blocks and sample groups (more samples than one tile sums, and few
 # channels: channel-major; or 16 channels and more samples than fused blocks take: eval writes dx tile by tile),
+# a few samples of short planes, one channel to a fused backward block (float32, float64; bfloat16's 7x7 planes, more
+# than an eighth of them past whole vectors, keep blocks of several channels: FusedBlocks' few_runs),
 # rows wider than a run, a tall (N, C) split into row groups with its sums in registers, and channels_last with few
 # channels (sums in registers: 4, 6 and 8 AVX-512 vectors) or many (per-position sums). Eval's backward writes dx
 # from each tile of the reduction on every kRows shape.
 TILINGS = [((3, 2, 70, 70), "contiguous"), ((2, 16, 70, 70), "contiguous"), ((2, 16, 130, 130), "contiguous"),
            ((70, 300, 3, 3), "contiguous"),
            ((1100, 3, 5, 5), "contiguous"), ((1100, 16, 5, 5), "contiguous"), ((40, 5, 7, 7), "contiguous"),
+           ((8, 32, 7, 7), "contiguous"),
            ((1100, 2100), "contiguous"),
            ((5000, 16), "contiguous"), ((16, 64, 12, 12), "channels_last"), ((24, 96, 6, 6), "channels_last"),
            ((20, 128, 5, 5), "channels_last"), ((40, 200, 5, 5), "channels_last")]

@@ -102,7 +102,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
     std::vector<acc_t> m2(C);
     const Tensor* res = defined(residual) ? &*residual : nullptr;
     const Geometry gn = classify(input, {res, &output});
-    const FusedBlocks blocks(gn, static_cast<int64_t>(input.element_size()) * (res != nullptr ? 2 : 1), false);
+    const FusedBlocks blocks(gn, static_cast<int64_t>(input.element_size()), res != nullptr ? 2 : 1, false);
     const auto& kernels = kernels_for<scalar_t>(gn);
     const bool fused = blocks.blocks > 0 && kernels.forward_fused != nullptr;
     if (fused) {
@@ -173,7 +173,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
       const Tensor* dx_p = need_dx ? &dx : nullptr;
       const Tensor* dr_p = need_dr ? &dr : nullptr;
       const Geometry ge = classify(input, {&grad_output, y, dx_p, dr_p});
-      const FusedBlocks blocks(ge, static_cast<int64_t>(input.element_size()) * (y != nullptr ? 3 : 2), true);
+      const FusedBlocks blocks(ge, static_cast<int64_t>(input.element_size()), y != nullptr ? 3 : 2, true);
       const auto& kernels = kernels_for<scalar_t>(ge);
       // One kernel for dx and the sums: training where fused blocks fit, eval when dw or db is wanted too (it then
       // reads dy once; eval's dx alone is the elementwise pass).

@@ -124,27 +124,44 @@ constexpr int64_t kMaxChannelRun = 16384;
 // channel's runs are only 784 bytes (32x256x14x14 0.87x, 32x1024x14x14 0.92x, 8x512x14x14 0.97x), and 7x7 lost both
 // ways (8x2048x7x7 0.89x in cache). At batch 32 and 28x28 the blocks were one channel already (kMaxBytes). The forward
 // gained on some shapes and lost on others (8x128x28x28 1.17x, 32x256x28x28 0.90x out of cache) and keeps its blocks.
+// Small batches take one-channel blocks at shorter planes too, once a channel is at most kMaxFewRuns runs of at least
+// kMinFewRunsValues values in all: a channel's dy and x are then a few streams read once, and its dx pass reads them
+// from L1, as torch's own per-channel loop does; blocks of several channels had left that loop faster than fastbn.
+// On the 2-vCPU Xeon, float32 NCHW, torch's time over fastbn's, blocks of several channels -> one channel, bench_ops
+// out of cache: 8x2048x7x7 0.73 -> 0.93, 8x512x7x7 0.81 -> 0.96, 8x1024x14x14 0.89 -> 1.03, 4x1024x14x14
+// 0.85 -> 1.00, 2x512x14x14 0.78 -> 1.01; --warm-cache: 0.65 -> 0.87, 0.83 -> 0.85, 0.75 -> 0.92, 0.67 -> 0.94,
+// 0.62 -> 0.78. Channels of fewer values lost (1x2048x7x7 0.68 -> 0.54 out of cache, 0.65 -> 0.34 in cache), and at
+// batch 16 one-channel blocks were no better (16x2048x7x7 0.98 -> 0.92, 16x1024x14x14 1.11 -> 1.12). A one-channel
+// tile sums a plane's tail past its whole vectors one value at a time (one_channel_sums), so planes whose tail is more
+// than an eighth of them keep their blocks: float16 8x2048x7x7 (49 = 32 + 17 values) took 0.65 ms in one-channel
+// blocks against 0.33 ms in blocks of several.
 struct FusedBlocks {
   static constexpr int64_t kMaxPositions = 4096;  // per-position sums of one tile: ≤ 16 KiB per array
   static constexpr int64_t kMaxBytes = 1 << 18;   // a block's inputs; the next block is prefetched meanwhile
   static constexpr int64_t kMinBlocks = 16;       // work items for the threads
   static constexpr int64_t kMinRegisterPlane = 512;  // backward: one channel per block from 28x28 planes
+  static constexpr int64_t kMaxFewRuns = 8;           // backward: one channel per block at batches up to 8 ...
+  static constexpr int64_t kMinFewRunsValues = 384;   // ... when a channel holds this many values (8x7x7 or 2x14x14)
+  static constexpr int64_t kVectorBytes = 64;         // the widest vector (AVX-512), for a plane's tail
   static constexpr int64_t kMaxPrefetchedBytes = 1 << 19;  // blocks up to this size prefetch their successor
   bool channel_major = false;
   int64_t cb = 0;      // per-thread: channels per block
   int64_t blocks = 0;  // per-thread: blocks; 0 (and !channel_major): the shape does not fit, use the unfused passes
   int64_t chunk = 0;   // per-thread: positions per tile: S, or chunks of a long plane (plane_chunk)
   bool prefetch_next = false;  // per-thread: request the next block's inputs while writing this block's output
-  FusedBlocks(const Geometry& g, int64_t input_bytes_per_value, bool backward) {
+  // element_bytes: of the input's dtype; tensors: how many input-sized tensors a pass reads.
+  FusedBlocks(const Geometry& g, int64_t element_bytes, int64_t tensors, bool backward) {
     if (g.layout != Layout::kPlanes) return;
     if (g.C < kMinBlocks) {
       channel_major = true;
       return;
     }
     if (g.N > kMaxRuns) return;
-    const int64_t channel_bytes = g.N * g.S * input_bytes_per_value;
+    const int64_t channel_bytes = g.N * g.S * element_bytes * tensors;
     cb = std::min({kMaxPositions / g.S, kMaxBytes / channel_bytes, g.C / kMinBlocks});
-    cb = backward && g.S >= kMinRegisterPlane ? 1 : std::max<int64_t>(cb, 1);
+    const bool few_runs = g.N <= kMaxFewRuns && g.N * g.S >= kMinFewRunsValues &&
+                          8 * (g.S % (kVectorBytes / element_bytes)) <= g.S;
+    cb = backward && (g.S >= kMinRegisterPlane || few_runs) ? 1 : std::max<int64_t>(cb, 1);
     blocks = (g.C + cb - 1) / cb;
     chunk = plane_chunk(g.S, cb == 1 ? kMaxChannelRun : kMaxPositions);
     prefetch_next = cb * channel_bytes <= kMaxPrefetchedBytes;
