@@ -115,26 +115,27 @@ constexpr int64_t kMaxChannelRun = 16384;
 // reach kMinRegisterPlane positions: several channels' per-position sums (mean and two sums, 47 KiB at 5x28x28) outgrew
 // L1. Those per-position sums have since given way to plane_by_plane_sums (kernels_impl.h) for blocks of several
 // channels; against it the one-channel blocks neither win nor lose overall (fastbn's backward over torch's time,
-// float32 NCHW in cache, medians of 9 alternating runs, one channel against blocks of 5: 4x128x28x28 0.86 against
-// 1.02, 8x512x28x28 0.67 against 0.59, 8x128x28x28 0.79 against 0.76, 16x256x28x28 0.61 against 0.62; out of cache
-// within 5%), so the threshold stays. Against the per-position sums: fastbn's backward alone, float32 NCHW, 2-core
-// EPYC, 8 alternating pairs, per-position against registers: inputs in cache 8x128x28x28 1.28x faster,
-// 4x128x28x28 1.63x, 16x256x28x28 1.08x; out of cache 8x128x28x28 1.10x, 8x512x28x28 1.06x. Shorter planes keep blocks
-// of several channels: at 14x14 registers won in cache at batch 8 (8x512x14x14 1.16-1.21x) but lost out of it, where a
-// channel's runs are only 784 bytes (32x256x14x14 0.87x, 32x1024x14x14 0.92x, 8x512x14x14 0.97x), and 7x7 lost both
-// ways (8x2048x7x7 0.89x in cache). At batch 32 and 28x28 the blocks were one channel already (kMaxBytes). The forward
-// gained on some shapes and lost on others (8x128x28x28 1.17x, 32x256x28x28 0.90x out of cache) and keeps its blocks.
-// Small batches take one-channel blocks at shorter planes too, once a channel is at most kMaxFewRuns runs of at least
-// kMinFewRunsValues values in all: a channel's dy and x are then a few streams read once, and its dx pass reads them
-// from L1, as torch's own per-channel loop does; blocks of several channels had left that loop faster than fastbn.
-// On the 2-vCPU Xeon, float32 NCHW, torch's time over fastbn's, blocks of several channels -> one channel, bench_ops
-// out of cache: 8x2048x7x7 0.73 -> 0.93, 8x512x7x7 0.81 -> 0.96, 8x1024x14x14 0.89 -> 1.03, 4x1024x14x14
+// float32 NCHW in cache, medians of 9 alternating runs, one channel against blocks of 5: 4x128x28x28 0.86 against 1.02,
+// 8x512x28x28 0.67 against 0.59, 8x128x28x28 0.79 against 0.76, 16x256x28x28 0.61 against 0.62; out of cache within
+// 5%), so the threshold stays. Against the per-position sums: fastbn's backward alone, float32 NCHW, 2-core EPYC, 8
+// alternating pairs, per-position against registers: inputs in cache 8x128x28x28 1.28x faster, 4x128x28x28 1.63x,
+// 16x256x28x28 1.08x; out of cache 8x128x28x28 1.10x, 8x512x28x28 1.06x. Shorter planes kept blocks of several channels
+// then (EPYC, against the per-position sums): at 14x14 registers won in cache at batch 8 (8x512x14x14 1.16-1.21x) but
+// lost out of it, where a channel's runs are only 784 bytes (32x256x14x14 0.87x, 32x1024x14x14 0.92x, 8x512x14x14
+// 0.97x), and 7x7 lost both ways (8x2048x7x7 0.89x in cache). At batch 32 and 28x28 the blocks were one channel already
+// (kMaxBytes). The forward gained on some shapes and lost on others (8x128x28x28 1.17x, 32x256x28x28 0.90x out of
+// cache) and keeps its blocks.
+// Since then, small batches take one-channel blocks at shorter planes too, once a channel is at most kMaxFewRuns runs
+// of at least kMinFewRunsValues values in all: a channel's dy and x are then a few streams read once, and its dx pass
+// reads them from L1, as torch's own per-channel loop does; blocks of several channels had left that loop faster than
+// fastbn. On the 2-vCPU Xeon, float32 NCHW, torch's time over fastbn's, blocks of several channels -> one channel,
+// bench_ops out of cache: 8x2048x7x7 0.73 -> 0.93, 8x512x7x7 0.81 -> 0.96, 8x1024x14x14 0.89 -> 1.03, 4x1024x14x14
 // 0.85 -> 1.00, 2x512x14x14 0.78 -> 1.01; --warm-cache: 0.65 -> 0.87, 0.83 -> 0.85, 0.75 -> 0.92, 0.67 -> 0.94,
 // 0.62 -> 0.78. Channels of fewer values lost (1x2048x7x7 0.68 -> 0.54 out of cache, 0.65 -> 0.34 in cache), and at
-// batch 16 one-channel blocks were no better (16x2048x7x7 0.98 -> 0.92, 16x1024x14x14 1.11 -> 1.12). A one-channel
-// tile sums a plane's tail past its whole vectors one value at a time (one_channel_sums), so planes whose tail is more
-// than an eighth of them keep their blocks: float16 8x2048x7x7 (49 = 32 + 17 values) took 0.65 ms in one-channel
-// blocks against 0.33 ms in blocks of several.
+// batch 16 one-channel blocks were no better (16x2048x7x7 0.98 -> 0.92, 16x1024x14x14 1.11 -> 1.12). A one-channel tile
+// sums a plane's tail past its whole vectors one value at a time (one_channel_sums), so planes whose tail is more than
+// an eighth of them keep their blocks: float16 8x2048x7x7 (49 = 32 + 17 values) took 0.65 ms in one-channel blocks
+// against 0.33 ms in blocks of several.
 struct FusedBlocks {
   static constexpr int64_t kMaxPositions = 4096;  // per-position sums of one tile: ≤ 16 KiB per array
   static constexpr int64_t kMaxBytes = 1 << 18;   // a block's inputs; the next block is prefetched meanwhile

@@ -244,7 +244,8 @@ def test_backward_eval(emu, cpu, shape, fmt, dtype, pdtype, relu_from):
     relu = relu_from is not None
     y = cpu.forward_eval(x, w, b, support.make_like(x), rm, rv, 1e-5, True) if relu_from == "y" else None
     dy = support.make_like(x)
-    masks = [[True, True, True, True], [True, False, True, False], [False, True, False, True], [True, False, False, True]]
+    masks = [[True, True, True, True], [True, False, True, False], [False, True, False, True],
+             [True, False, False, True]]  # the last: no sums wanted, the elementwise kernel alone
     for mask in masks:
         got, launched, _ = launches(emu, lambda: emu.backward(dy, x, w, b, y, mean, invstd, False, relu, mask))
         want = cpu.backward(dy, x, w, b, y, mean, invstd, False, relu, mask)
@@ -334,6 +335,12 @@ def test_multi_block_reductions(emu, cpu, monkeypatch, shape, fmt):
     got_b, launched_b, _ = launches(emu, lambda: emu.backward(dy, x, w, b, None, want[1], want[2], True, True, [True] * 4))
     assert launched_b == 2
     assert_same_results(got_b, cpu.backward(dy, x, w, b, None, want[1], want[2], True, True, [True] * 4), torch.float32,
+                        BWD_NAMES)
+    # eval: the reduction writes dx and grad_residual from every block of a channel, in its one launch
+    mean, invstd = rm.float(), torch.rsqrt(rv.float() + 1e-5)
+    got_e, launched_e, _ = launches(emu, lambda: emu.backward(dy, x, w, b, None, mean, invstd, False, True, [True] * 4))
+    assert launched_e == 1
+    assert_same_results(got_e, cpu.backward(dy, x, w, b, None, mean, invstd, False, True, [True] * 4), torch.float32,
                         BWD_NAMES)
 
 
