@@ -123,8 +123,7 @@ def test_compiled_16bit_channels_last_eval():
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_exported_model_matches_eager(training):
     """torch.export records fastbn's ops (through their fake implementations); the exported program's module gives
-    eager mode's outputs, gradients and, in training, running statistics and counters. In eval, torch.jit.trace
-    gives eager mode's outputs too."""
+    eager mode's outputs, gradients and, in training, running statistics and counters."""
     model = Net().double().train(training)
     with torch.no_grad():
         for m in (model.bn_relu, model.bn, model.bn_add_relu, model.head):
@@ -135,9 +134,6 @@ def test_exported_model_matches_eager(training):
             m.running_var.uniform_(0.5, 1.5)
     eager = copy.deepcopy(model)
     x = make_input((4, 3, 5, 5), torch.float64, "channels_last")
-    if not training:  # torch.jit.trace too (tracing a training step would update the running statistics)
-        with torch.no_grad():
-            assert_close(torch.jit.trace(copy.deepcopy(model), (x,))(x), eager(x), msg="traced output")
     program = torch.export.export(model, (x,))
     op = "forward_train" if training else "forward_eval"
     assert sum(node.target == getattr(torch.ops.fastbn, op).default for node in program.graph.nodes) == 4
