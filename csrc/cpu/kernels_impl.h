@@ -148,9 +148,9 @@ C10_ALWAYS_INLINE void store_prefix_16bit(scalar_t* p, const Vectorized<scalar_t
 #endif
 
 // 16-bit conversions and the per-run loops are inlined by force. g++ had left them out of line: std::tuple's
-// assignment (of std::tie, instantiated from <tuple>, outside the target pragma), ATen's convert_float_bfloat16, and
-// normalize_run / backward_run themselves, so every 7x7 plane paid calls, a vzeroupper and vectors passed through
-// memory. bench_ops on the 2-vCPU Xeon, before -> after, geomean (worst shape): eval NCHW bfloat16 1.04x (0.53x) ->
+// assignment (of a std::tie), ATen's convert_float_bfloat16 (-fopt-info-inline-missed: the file's inline-unit-growth
+// limit was reached) and normalize_run / backward_run themselves, so every 7x7 plane paid calls, a vzeroupper and
+// vectors passed through memory. bench_ops on the 2-vCPU Xeon, before -> after, geomean (worst shape): eval NCHW bfloat16 1.04x (0.53x) ->
 // 1.30x (1.12x), float16 0.97x (0.51x) -> 1.14x (0.97x); forward-train channels_last bfloat16 1.50x (0.95x) -> 1.70x
 // (1.44x), float16 1.43x (0.89x) -> 1.65x (1.41x); float32 unchanged.
 #if defined(__GNUC__)
