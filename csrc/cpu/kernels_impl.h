@@ -147,12 +147,12 @@ C10_ALWAYS_INLINE void store_prefix_16bit(scalar_t* p, const Vectorized<scalar_t
 }
 #endif
 
-// 16-bit conversions and the per-run loops are inlined by force. g++ had left them out of line: std::tuple's
-// assignment (of a std::tie), ATen's convert_float_bfloat16 (-fopt-info-inline-missed: the file's inline-unit-growth
-// limit was reached) and normalize_run / backward_run themselves, so every 7x7 plane paid calls, a vzeroupper and
-// vectors passed through memory. bench_ops on the 2-vCPU Xeon, before -> after, geomean (worst shape): eval NCHW bfloat16 1.04x (0.53x) ->
-// 1.30x (1.12x), float16 0.97x (0.51x) -> 1.14x (0.97x); forward-train channels_last bfloat16 1.50x (0.95x) -> 1.70x
-// (1.44x), float16 1.43x (0.89x) -> 1.65x (1.41x); float32 unchanged.
+// 16-bit conversions and the per-run loops are inlined by force. g++ had left them out of line: std::tuple's assignment
+// (of a std::tie), ATen's convert_float_bfloat16 (-fopt-info-inline-missed: the file's inline-unit-growth limit was
+// reached) and normalize_run / backward_run themselves, so every 7x7 plane paid calls, a vzeroupper and vectors passed
+// through memory. bench_ops on the 2-vCPU Xeon, before -> after, geomean (worst shape): eval NCHW bfloat16 1.04x
+// (0.53x) -> 1.30x (1.12x), float16 0.97x (0.51x) -> 1.14x (0.97x); forward-train channels_last bfloat16 1.50x
+// (0.95x) -> 1.70x (1.44x), float16 1.43x (0.89x) -> 1.65x (1.41x); float32 unchanged.
 #if defined(__GNUC__)
 #define FASTBN_FLATTEN __attribute__((flatten))
 #else
@@ -826,8 +826,9 @@ C10_ALWAYS_INLINE void normalize_vector(const scalar_t* x, const scalar_t* res, 
 // (alternating runs on the 2-core EPYC: eval channels_last 32x2048x7x7 0.88 -> 0.67 ms, 32x256x14x14
 // 0.25 -> 0.18 ms, median of 4).
 template <typename scalar_t, bool kResidual, bool kRelu, typename Coef>
-C10_ALWAYS_INLINE void normalize_run(const scalar_t* x, const scalar_t* res, scalar_t* y, int64_t n, const Coef& mean,
-                          const Coef& scale, const Coef& shift, bool stream, int64_t prefetch_ahead) {
+C10_ALWAYS_INLINE void normalize_run(const scalar_t* x, const scalar_t* res, scalar_t* y, int64_t n,
+                                     const Coef& mean, const Coef& scale, const Coef& shift, bool stream,
+                                     int64_t prefetch_ahead) {
   vector_steps<VecIO<scalar_t>::kWidth>(n, [&](int64_t i, int64_t count) {
     if (prefetch_ahead != 0) {  // kPrefetchBytes ahead, or the next fused block's (forward_fused_impl)
       __builtin_prefetch(x + i + prefetch_ahead);
@@ -935,9 +936,10 @@ inline T masked(T dy, T xmu, T scale, T shift, T y) {
 
 // Backward elementwise over one contiguous run.
 template <typename scalar_t, bool kOutputMask, bool kRelu, bool kTrain, typename Coef>
-C10_ALWAYS_INLINE void backward_run(const scalar_t* dy, const scalar_t* x, const scalar_t* y, scalar_t* dx, scalar_t* gout,
-                         int64_t n, const Coef& mean, const Coef& scale, const Coef& shift, const Coef& k,
-                         const Coef& p, const Coef& q, bool stream, int64_t prefetch_ahead = 0) {
+C10_ALWAYS_INLINE void backward_run(const scalar_t* dy, const scalar_t* x, const scalar_t* y, scalar_t* dx,
+                                    scalar_t* gout, int64_t n, const Coef& mean, const Coef& scale, const Coef& shift,
+                                    const Coef& k, const Coef& p, const Coef& q, bool stream,
+                                    int64_t prefetch_ahead = 0) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
