@@ -147,17 +147,13 @@ C10_ALWAYS_INLINE void store_prefix_16bit(scalar_t* p, const Vectorized<scalar_t
 }
 #endif
 
-// 16-bit conversions and the per-run loops are inlined by force. g++ had left them out of line: std::tuple's assignment
-// (of a std::tie), ATen's convert_float_bfloat16 (-fopt-info-inline-missed: the file's inline-unit-growth limit was
-// reached) and normalize_run / backward_run themselves, so every 7x7 plane paid calls, a vzeroupper and vectors passed
-// through memory. bench_ops on the 2-vCPU Xeon, before -> after, geomean (worst shape): eval NCHW bfloat16 1.04x
-// (0.53x) -> 1.30x (1.12x), float16 0.97x (0.51x) -> 1.14x (0.97x); forward-train channels_last bfloat16 1.50x
-// (0.95x) -> 1.70x (1.44x), float16 1.43x (0.89x) -> 1.65x (1.41x); float32 unchanged.
-#if defined(__GNUC__)
-#define FASTBN_FLATTEN __attribute__((flatten))
-#else
-#define FASTBN_FLATTEN
-#endif
+// The per-run loops are inlined by force, and 16-bit loads take the two float halves with std::get: g++ had left
+// std::tuple's assignment (of a std::tie) and normalize_run / backward_run themselves out of line, so every 7x7 plane
+// paid calls, a vzeroupper and vectors passed through memory. bench_ops on the 2-vCPU Xeon, before -> after, geomean
+// (worst shape): eval NCHW bfloat16 1.04x (0.53x) -> 1.30x (1.12x), float16 0.97x (0.51x) -> 1.14x (0.97x);
+// forward-train channels_last bfloat16 1.50x (0.95x) -> 1.70x (1.44x), float16 1.43x (0.89x) -> 1.65x (1.41x); float32
+// unchanged. Flattening VecIO's load and store as well (to inline ATen's convert_float_bfloat16, which g++'s
+// inline-unit-growth limit leaves out of line in some callers) changed no timing.
 
 // Loads kWidth elements of scalar_t as kParts vectors of acc_t (16-bit types widen to two float vectors). A
 // count below kWidth reads only the first count elements (masked loads on AVX2/AVX-512) and zeroes the other lanes;
@@ -171,7 +167,7 @@ struct VecIO {
   static constexpr int64_t kWidth = kVec * kParts;
   static_assert(kParts == 1 || Vectorized<scalar_t>::size() == kWidth, "16-bit vector must hold two float vectors");
 
-  static C10_ALWAYS_INLINE FASTBN_FLATTEN void load(const scalar_t* p, Vec (&v)[kParts], int64_t count = kWidth) {
+  static C10_ALWAYS_INLINE void load(const scalar_t* p, Vec (&v)[kParts], int64_t count = kWidth) {
     if constexpr (kParts == 1) {
       v[0] = Vec::loadu(p, count);
     } else {
@@ -181,8 +177,7 @@ struct VecIO {
     }
   }
   // A non-temporal store of a whole vector where p is aligned to the vector size, a plain store elsewhere.
-  static C10_ALWAYS_INLINE FASTBN_FLATTEN void store(scalar_t* p, const Vec (&v)[kParts], bool stream,
-                                                     int64_t count = kWidth) {
+  static C10_ALWAYS_INLINE void store(scalar_t* p, const Vec (&v)[kParts], bool stream, int64_t count = kWidth) {
     if constexpr (kParts == 1) {
       store_part(p, v[0], stream, count);
     } else {
