@@ -143,7 +143,8 @@ struct FusedBlocks {
   static constexpr int64_t kMinRegisterPlane = 512;  // backward: one channel per block from 28x28 planes
   static constexpr int64_t kMaxFewRuns = 8;           // backward: one channel per block at batches up to 8 ...
   static constexpr int64_t kMinFewRunsValues = 384;   // ... when a channel holds this many values (8x7x7 or 2x14x14)
-  static constexpr int64_t kVectorBytes = 64;         // the widest vector (AVX-512), for a plane's tail
+  static constexpr int64_t kVectorBytes = 64;         // the widest vector (AVX-512), for a plane's tail ...
+  static constexpr int64_t kMaxTailShare = 8;         // ... past whole vectors: at most 1/kMaxTailShare of the plane
   static constexpr int64_t kMaxPrefetchedBytes = 1 << 19;  // blocks up to this size prefetch their successor
   bool channel_major = false;
   int64_t cb = 0;      // per-thread: channels per block
@@ -161,7 +162,7 @@ struct FusedBlocks {
     const int64_t channel_bytes = g.N * g.S * element_bytes * tensors;
     cb = std::min({kMaxPositions / g.S, kMaxBytes / channel_bytes, g.C / kMinBlocks});
     const bool few_runs = g.N <= kMaxFewRuns && g.N * g.S >= kMinFewRunsValues &&
-                          8 * (g.S % (kVectorBytes / element_bytes)) <= g.S;
+                          kMaxTailShare * (g.S % (kVectorBytes / element_bytes)) <= g.S;
     cb = backward && (g.S >= kMinRegisterPlane || few_runs) ? 1 : std::max<int64_t>(cb, 1);
     blocks = (g.C + cb - 1) / cb;
     chunk = plane_chunk(g.S, cb == 1 ? kMaxChannelRun : kMaxPositions);
