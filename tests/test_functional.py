@@ -351,6 +351,24 @@ def test_reduction_tilings(shape, fmt, dtype, training, use_residual, relu):
                param_dtype=torch.float64 if dtype == torch.float64 else torch.float32, training=training)
 
 
+# Views the CPU's strided path walks in runs of contiguous values (csrc/cpu/strided_impl.h): planes of a channel
+# slice or of every other sample (runs of H·W), cropped rows (runs of W - 2; 3 values: shorter than a vector),
+# planes longer than one segment of a run's sums (130x130 > kMaxChannelRun), and a 2-D channel slice (its runs are
+# the samples of a channel, C + 2 values apart: walked one value at a time).
+VIEWS = [((4, 6, 9, 7), "channel_slice"), ((3, 5, 8, 8), "sample_step"), ((2, 4, 11, 35), "cropped"),
+         ((2, 3, 4, 5), "cropped"), ((2, 2, 130, 130), "channel_slice"), ((9, 5), "channel_slice")]
+
+
+@pytest.mark.parametrize("use_residual,relu", EPILOGUES)
+@pytest.mark.parametrize("training", TRAINING)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=["f32", "f16", "bf16", "f64"])
+@pytest.mark.parametrize("shape,fmt", VIEWS, ids=[f"{'x'.join(map(str, s))}-{f}" for s, f in VIEWS])
+def test_strided_views(shape, fmt, dtype, training, use_residual, relu):
+    check_step(shape, dtype, fmt, use_residual, relu, training=training,
+               param_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+
+
 # Rows whose channel count is not a multiple of the vector width: the CPU kernels take runs of several rows
 # (rows_per_run in csrc/cpu/kernels_impl.h), then the rows left over as one shorter run; fewer rows than one run;
 # a tall (N, C) with enough rows for several reduction tiles and a leftover.

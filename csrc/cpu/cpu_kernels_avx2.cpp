@@ -1,6 +1,7 @@
-// The vectorised kernels built for AVX2 (ATen's at::vec::AVX2 vectors). The build passes no -m flags, so a
-// target pragma enables the instructions for this file's kernels only; vector_kernels() (cpu_select.cpp) calls them only
-// when the CPU has them. Compilers without GCC's target pragma fall back to the baseline table.
+// The vectorised and strided kernels built for AVX2 (ATen's at::vec::AVX2 vectors). The build passes no -m
+// flags, so a target pragma enables the instructions for this file's kernels only; vector_kernels() and
+// strided_kernels() (cpu_select.cpp) call them only when the CPU has them. Compilers without GCC's target pragma
+// fall back to the baseline tables.
 #include "fp_contract.h"
 
 #include "kernels_prelude.h"
@@ -19,7 +20,8 @@
 namespace fastbn {
 namespace cpu {
 namespace avx2 {
-FASTBN_DEFINE_CPU_KERNELS(dflt::make_kernels<scalar_t>())
+FASTBN_DEFINE_CPU_KERNELS(make_kernels, dflt::make_kernels<scalar_t>())
+FASTBN_DEFINE_CPU_KERNELS(make_strided_kernels, dflt::make_strided_kernels<scalar_t>())
 }  // namespace avx2
 }  // namespace cpu
 }  // namespace fastbn

@@ -116,7 +116,9 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
     }
     if (defined(running_mean)) {
       const double f = momentum.has_value() ? *momentum : 1.0 / static_cast<double>(batches);
-      update_channels<param_t>(*running_mean, [&](int64_t c, double old) { return f * double(mean[c]) + (1 - f) * old; });
+      update_channels<param_t>(*running_mean, [&](int64_t c, double old) {
+        return f * double(mean[c]) + (1 - f) * old;
+      });
       update_channels<param_t>(*running_var, [&](int64_t c, double old) {
         return f * (double(m2[c]) / double(m - 1)) + (1 - f) * old;
       });

@@ -37,48 +37,53 @@ Capability capability() {
   return Capability::kDefault;
 }
 
+// The table for this CPU among one kind's three builds (make_kernels or make_strided_kernels).
+template <typename scalar_t>
+Kernels<scalar_t> for_this_cpu(Kernels<scalar_t> (*dflt)(), Kernels<scalar_t> (*avx2)(),
+                               Kernels<scalar_t> (*avx512)()) {
+  switch (capability()) {
+    case Capability::kAvx512: {
+      // The passes that write a big tensor use the 256-bit kernels: on the AVX-512 machine we measure on (an
+      // AMD EPYC, 2 cores) 512-bit stores streaming a tensor larger than L2 ran up to 2x slower (eval
+      // channels_last 32x128x28x28: 0.92 ms with 512-bit vectors, 0.50 ms with 256-bit, one thread), while
+      // the read-only reductions gain from 512 bits (backward_reduce 0.99 vs 1.25 ms), and so does the fused
+      // backward, mostly a reduction (NCHW ResNet-50 geomean over torch 1.37x with 512 bits, 1.29x with 256).
+      // 16-bit types keep the 512-bit passes: AVX-512 converts them to and from float in one instruction and has
+      // masked 16-bit loads and stores for run tails. Two alternating bench_ops runs, 256 -> 512 bits, geomean
+      // over torch: eval bfloat16 NCHW 0.88/0.93 -> 1.10/1.06x, channels_last 1.00/0.98 -> 1.14/1.29x;
+      // backward channels_last float16 1.21/1.18 -> 1.32/1.47x, bfloat16 1.34/1.29 -> 1.46/1.55x.
+      Kernels<scalar_t> k = avx512();
+      if constexpr (sizeof(scalar_t) != 2) {
+        const Kernels<scalar_t> narrow = avx2();
+        k.normalize = narrow.normalize;
+        k.backward_elementwise = narrow.backward_elementwise;
+      }
+      return k;
+    }
+    case Capability::kAvx2:
+      return avx2();
+    default:
+      return dflt();
+  }
+}
+
 }  // namespace
 
 template <typename scalar_t>
 const Kernels<scalar_t>& vector_kernels() {
-  static const Kernels<scalar_t> table = [] {
-    switch (capability()) {
-      case Capability::kAvx512: {
-        // The passes that write a big tensor use the 256-bit kernels: on the AVX-512 machine we measure on (an
-        // AMD EPYC, 2 cores) 512-bit stores streaming a tensor larger than L2 ran up to 2x slower (eval
-        // channels_last 32x128x28x28: 0.92 ms with 512-bit vectors, 0.50 ms with 256-bit, one thread), while
-        // the read-only reductions gain from 512 bits (backward_reduce 0.99 vs 1.25 ms), and so does the fused
-        // backward, mostly a reduction (NCHW ResNet-50 geomean over torch 1.37x with 512 bits, 1.29x with 256).
-        // 16-bit types keep the 512-bit passes: AVX-512 converts them to and from float in one instruction and has
-        // masked 16-bit loads and stores for run tails. Two alternating bench_ops runs, 256 -> 512 bits, geomean
-        // over torch: eval bfloat16 NCHW 0.88/0.93 -> 1.10/1.06x, channels_last 1.00/0.98 -> 1.14/1.29x;
-        // backward channels_last float16 1.21/1.18 -> 1.32/1.47x, bfloat16 1.34/1.29 -> 1.46/1.55x.
-        Kernels<scalar_t> k = avx512::make_kernels<scalar_t>();
-        if constexpr (sizeof(scalar_t) != 2) {
-          const Kernels<scalar_t> narrow = avx2::make_kernels<scalar_t>();
-          k.normalize = narrow.normalize;
-          k.backward_elementwise = narrow.backward_elementwise;
-        }
-        return k;
-      }
-      case Capability::kAvx2:
-        return avx2::make_kernels<scalar_t>();
-      default:
-        return dflt::make_kernels<scalar_t>();
-    }
-  }();
+  static const Kernels<scalar_t> table = for_this_cpu<scalar_t>(
+      &dflt::make_kernels<scalar_t>, &avx2::make_kernels<scalar_t>, &avx512::make_kernels<scalar_t>);
   return table;
 }
 
-// Half the largest cache level's size from Linux's sysfs (what lscpu reports: per cache instance; sysconf's
-// _SC_LEVEL3_CACHE_SIZE can report a whole host's L3 inside a VM), the level taken as at most kUsableCache (and as
-// that where sysfs cannot be read). A shared L3 is not one process's to fill: on a 2-vCPU Xeon guest whose sysfs
-// reports 480 MiB, copies ran at cache speed (55 GB/s) up to 32 MiB buffers and at memory speed (26 GB/s) from
-// 128 MiB, and with a 240 MiB threshold outputs of 25-100 MB took plain stores, each line read before it was written.
-// Streaming from 16 MiB there, fastbn over torch's time in bench_ops (float32, inputs out of cache, two runs each):
-// forward-eval NCHW 32x64x56x56 1.03/1.03 -> 1.31/1.26, channels_last 32x128x56x56 1.04/1.01 -> 1.47/1.41;
-// backward NCHW 32x128x56x56 1.04/1.00 -> 1.30/1.35; forward-train channels_last 32x1024x14x14 1.36/1.30 ->
-// 1.78/1.71.
+template <typename scalar_t>
+const Kernels<scalar_t>& strided_kernels() {
+  static const Kernels<scalar_t> table = for_this_cpu<scalar_t>(
+      &dflt::make_strided_kernels<scalar_t>, &avx2::make_strided_kernels<scalar_t>,
+      &avx512::make_strided_kernels<scalar_t>);
+  return table;
+}
+
 constexpr int64_t kUsableCache = int64_t(32) << 20;
 
 int64_t streaming_store_bytes() {
@@ -120,11 +125,6 @@ bool pages_in_memory(const void* p, int64_t nbytes) {
 #endif
 }
 
-template <typename scalar_t>
-const Kernels<scalar_t>& strided_kernels() {
-  static const Kernels<scalar_t> table = strided::make_kernels<scalar_t>();
-  return table;
-}
 
 #define FASTBN_INSTANTIATE(T)                                 \
   template const Kernels<T>& vector_kernels<T>();             \

@@ -4,7 +4,8 @@
 // The vectorised kernels (kernels_impl.h) are compiled once per CPU capability (cpu_kernels_default.cpp,
 // cpu_kernels_avx2.cpp, cpu_kernels_avx512.cpp: the build passes no -m flags, so a target pragma per file is how the
 // AVX paths get built) and vector_kernels<scalar_t>() picks a table at run time, as ATen's DispatchStub does and with
-// the same answer (ATEN_CPU_CAPABILITY is honoured). The strided path (cpu_strided.cpp) is scalar and built once.
+// the same answer (ATEN_CPU_CAPABILITY is honoured); so is the strided path (strided_impl.h), whose table
+// strided_kernels<scalar_t>() picks the same way.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -214,27 +215,30 @@ struct Kernels {
   void (*backward_fused)(const FusedBackwardArgs<scalar_t>&);  // nullptr in the strided table
 };
 
+// Per capability: make_kernels() is the planes/rows table (kernels_impl.h), make_strided_kernels() the strided one
+// (strided_impl.h).
 #define FASTBN_DECLARE_CPU_KERNELS(CAP)                  \
   namespace CAP {                                        \
   template <typename scalar_t>                           \
   Kernels<scalar_t> make_kernels();                      \
+  template <typename scalar_t>                           \
+  Kernels<scalar_t> make_strided_kernels();              \
   }
 FASTBN_DECLARE_CPU_KERNELS(dflt)
 FASTBN_DECLARE_CPU_KERNELS(avx2)
 FASTBN_DECLARE_CPU_KERNELS(avx512)
-FASTBN_DECLARE_CPU_KERNELS(strided)
 #undef FASTBN_DECLARE_CPU_KERNELS
 
-// Defines make_kernels() of the enclosing namespace as `return TABLE;` for every input dtype.
-#define FASTBN_DEFINE_CPU_KERNELS(...)                              \
-  template <typename scalar_t>                                      \
-  Kernels<scalar_t> make_kernels() {                                \
-    return __VA_ARGS__;                                             \
-  }                                                                 \
-  template Kernels<float> make_kernels<float>();                    \
-  template Kernels<double> make_kernels<double>();                  \
-  template Kernels<c10::Half> make_kernels<c10::Half>();            \
-  template Kernels<c10::BFloat16> make_kernels<c10::BFloat16>();
+// Defines NAME() of the enclosing namespace as `return TABLE;` for every input dtype.
+#define FASTBN_DEFINE_CPU_KERNELS(NAME, ...)                \
+  template <typename scalar_t>                              \
+  Kernels<scalar_t> NAME() {                                \
+    return __VA_ARGS__;                                     \
+  }                                                         \
+  template Kernels<float> NAME<float>();                    \
+  template Kernels<double> NAME<double>();                  \
+  template Kernels<c10::Half> NAME<c10::Half>();            \
+  template Kernels<c10::BFloat16> NAME<c10::BFloat16>();
 
 // Bytes above which an elementwise pass writes its output with non-temporal stores: half the last-level cache, at
 // most 16 MiB (a smaller output is likely still cached when its reader comes; a larger one has pushed its own start
@@ -247,7 +251,7 @@ int64_t streaming_store_bytes();
 // 2-vCPU Xeon, best of 3 medians: 11.6-11.8 ms with plain stores, 17.8-18.1 ms streamed; torch's 12.3-12.7 ms.
 bool pages_in_memory(const void* p, int64_t nbytes);
 
-// The vectorised table for this CPU (planes/rows layouts), and the strided table.
+// The tables for this CPU: vectorised (planes/rows layouts) and strided.
 template <typename scalar_t>
 const Kernels<scalar_t>& vector_kernels();
 template <typename scalar_t>

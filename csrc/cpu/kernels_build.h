@@ -42,3 +42,4 @@
 #include "math.h"
 
 #include "kernels_impl.h"
+#include "strided_impl.h"

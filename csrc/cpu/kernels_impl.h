@@ -576,6 +576,34 @@ struct StatsBuffers {
   explicit StatsBuffers(int64_t max_L) : shift(max_L), sum(max_L), sq(max_L) {}
 };
 
+// Σ(x - k) and Σ(x - k)² over a one-channel tile (one_channel_sums), into s and s2.
+template <typename scalar_t>
+void one_channel_shifted_sums(const scalar_t* x, const RunTile& t, at::opmath_type<scalar_t> k, double& s,
+                              double& s2) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  constexpr int P = IO::kParts;
+  const Vec kv(k);
+  one_channel_sums<scalar_t>(
+      t,
+      [&](int64_t o, Vec& a, Vec& b) {
+        Vec v[P];
+        IO::load(x + o, v);
+        for (int q = 0; q < P; ++q) {
+          const Vec d = v[q] - kv;
+          a = a + d;
+          b = at::vec::fmadd(d, d, b);
+        }
+      },
+      [&](int64_t o, acc_t& a, acc_t& b) {
+        const acc_t d = acc_t(x[o]) - k;
+        a += d;
+        b += d * d;
+      },
+      [&](int64_t o) { __builtin_prefetch(x + o); }, s, s2);
+}
+
 // (mean, m2) of one tile per channel, in double: out_mean[j], out_m2[j] for channel t.c0 + j.
 template <typename scalar_t>
 void stats_tile(const scalar_t* x, int64_t numel, const RunTile& t, StatsBuffers<at::opmath_type<scalar_t>>& buf,
@@ -594,25 +622,8 @@ void stats_tile(const scalar_t* x, int64_t numel, const RunTile& t, StatsBuffers
   };
   if (t.c1 - t.c0 == 1 && t.len > 1) {
     const acc_t k = acc_t(x[t.base]);
-    const Vec kv(k);
     double s, s2;
-    one_channel_sums<scalar_t>(
-        t,
-        [&](int64_t o, Vec& a, Vec& b) {
-          Vec v[P];
-          IO::load(x + o, v);
-          for (int q = 0; q < P; ++q) {
-            const Vec d = v[q] - kv;
-            a = a + d;
-            b = at::vec::fmadd(d, d, b);
-          }
-        },
-        [&](int64_t o, acc_t& a, acc_t& b) {
-          const acc_t d = acc_t(x[o]) - k;
-          a += d;
-          b += d * d;
-        },
-        [&](int64_t o) { __builtin_prefetch(x + o); }, s, s2);
+    one_channel_shifted_sums(x, t, k, s, s2);
     fold(0, double(k), s, s2);
     return;
   }
@@ -1094,6 +1105,38 @@ void plane_by_plane_sums(const RunTile& t, int64_t numel, typename VecIO<scalar_
   }
 }
 
+// Σg and Σg·(x - mean) over a one-channel tile (one_channel_sums), into sum_g and sum_gx; y is read only with
+// kOutputMask; pf(offset) prefetches every input at offset.
+template <typename scalar_t, bool kOutputMask, bool kRelu, typename PF>
+void one_channel_grad_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* y, const RunTile& t,
+                           at::opmath_type<scalar_t> mean, at::opmath_type<scalar_t> scale,
+                           at::opmath_type<scalar_t> shift, PF&& pf, double& sum_g, double& sum_gx) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  constexpr int P = IO::kParts;
+  const Vec zero(acc_t(0)), vmean(mean), vscale(scale), vshift(shift);
+  one_channel_sums<scalar_t>(
+      t,
+      [&](int64_t o, Vec& sg, Vec& sgx) {
+        Vec d[P], v[P], yv[P];
+        IO::load(dy + o, d);
+        IO::load(x + o, v);
+        if constexpr (kOutputMask) IO::load(y + o, yv);
+        for (int q = 0; q < P; ++q) {
+          add_g<Vec, kOutputMask, kRelu>(d[q], v[q], kOutputMask ? yv[q] : zero, vmean, vscale, vshift, sg, sgx);
+        }
+      },
+      [&](int64_t o, acc_t& sg, acc_t& sgx) {
+        const acc_t xmu = acc_t(x[o]) - mean;
+        const acc_t g = masked_grad(acc_t(dy[o]), xmu, scale, shift, kRelu, kOutputMask,
+                                    kOutputMask ? acc_t(y[o]) : acc_t(0));
+        sg += g;
+        sgx += g * xmu;
+      },
+      pf, sum_g, sum_gx);
+}
+
 // Sums g and g·(x - mean) of one tile per channel: out_g[j], out_gx[j] for channel t.c0 + j.
 template <typename scalar_t, bool kOutputMask, bool kRelu>
 void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
@@ -1130,27 +1173,8 @@ void backward_reduce_tile(const ReduceArgs<scalar_t>& a, const RunTile& t,
   };
   const int64_t L = t.L();
   if (t.c1 - t.c0 == 1 && t.len > 1) {
-    const acc_t mean = a.mean[t.c0], scale = a.scale[t.c0], shift = a.shift[t.c0];
-    const Vec vmean(mean), vscale(scale), vshift(shift);
-    one_channel_sums<scalar_t>(
-        t,
-        [&](int64_t o, Vec& sg, Vec& sgx) {
-          Vec d[P], v[P], yv[P];
-          IO::load(dy + o, d);
-          IO::load(x + o, v);
-          if constexpr (kOutputMask) IO::load(y + o, yv);
-          for (int q = 0; q < P; ++q) {
-            add_g<Vec, kOutputMask, kRelu>(d[q], v[q], kOutputMask ? yv[q] : zero, vmean, vscale, vshift, sg, sgx);
-          }
-        },
-        [&](int64_t o, acc_t& sg, acc_t& sgx) {
-          const acc_t xmu = acc_t(x[o]) - mean;
-          const acc_t g = masked_grad(acc_t(dy[o]), xmu, scale, shift, kRelu, kOutputMask,
-                                      kOutputMask ? acc_t(y[o]) : acc_t(0));
-          sg += g;
-          sgx += g * xmu;
-        },
-        prefetch_inputs, out_g[0], out_gx[0]);
+    one_channel_grad_sums<scalar_t, kOutputMask, kRelu>(dy, x, y, t, a.mean[t.c0], a.scale[t.c0], a.shift[t.c0],
+                                                         prefetch_inputs, out_g[0], out_gx[0]);
     return;
   }
   if (t.len >= W) {
@@ -1489,7 +1513,7 @@ void backward_fused(const FusedBackwardArgs<scalar_t>& a) {
 
 }  // namespace
 
-FASTBN_DEFINE_CPU_KERNELS({&stats<scalar_t>, &normalize<scalar_t>, &forward_fused<scalar_t>,
+FASTBN_DEFINE_CPU_KERNELS(make_kernels, {&stats<scalar_t>, &normalize<scalar_t>, &forward_fused<scalar_t>,
                            &backward_reduce<scalar_t>, &backward_elementwise<scalar_t>, &backward_fused<scalar_t>})
 
 }  // namespace FASTBN_CPU_CAP

@@ -15,7 +15,7 @@ namespace cpu {
 enum class Layout {
   kPlanes,   // NCHW-contiguous: element (n, c, s) at (n*C + c)*S + s; each (n, c) plane is a contiguous run of S
   kRows,     // channels-last / 2-D (N, C): element (r, c) at r*C + c; N counts the rows (S = 1)
-  kStrided,  // anything else: walked with per-tensor strides (cpu_strided.cpp)
+  kStrided,  // anything else: walked with per-tensor strides (strided_impl.h)
 };
 
 struct Geometry {
