@@ -69,7 +69,8 @@ from shapes import BN1D_SHAPE, SMALL_C_SHAPE, parse_shape, resnet50_bn_shapes, s
 MOMENTUM, EPS = 0.1, 1e-5
 ATEN = torch.ops.aten
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-FORMATS = ("NCHW", "channels_last")
+FORMATS = ("NCHW", "channels_last", "channel_slice")
+DEFAULT_FORMATS = ("NCHW", "channels_last")
 # Shapes (C, H) of ResNet-50 compiled by default (--compile subset), at every batch size: layer1's bn3 and
 # downsample, a large activation present in every ResNet. One shape keeps the CPU default under 2 minutes
 # (each case compiles in 1-5 s there).
@@ -165,14 +166,19 @@ class Inputs:
         channels = shape[1]
         gen = torch.Generator(device=device).manual_seed(0)
 
-        def activation():
-            t = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+        def activation(view=False):
+            # view: the input of a channel_slice case, channels [0, C) of 2C (what x.chunk(2, dim=1) gives); its
+            # other tensors (dy, the residual) are contiguous, as a layer's own output and gradient are.
+            full = (shape[0], 2 * channels) + tuple(shape[2:]) if view else shape
+            t = torch.randn(full, generator=gen, device=device, dtype=dtype)
             if fmt == "channels_last":  # channels-last strides for any rank >= 3 (torch.channels_last at 4-D)
                 t = t.movedim(1, -1).contiguous().movedim(-1, 1)
             # Copies of one random tensor: the values do not matter to the cache, and randn is slow on CPU.
-            return [t] + [t.clone() for _ in range(copies - 1)]
+            copies_ = [t] + [t.clone() for _ in range(copies - 1)]
+            return [c[:, :channels] for c in copies_] if view else copies_
 
         self._activation = activation
+        self._slice = fmt == "channel_slice"
         self.w = (torch.rand(channels, generator=gen, device=device) + 0.5).to(param_dtype)
         self.b = (0.1 * torch.randn(channels, generator=gen, device=device)).to(param_dtype)
         self.rm = torch.zeros(channels, device=device, dtype=param_dtype)
@@ -186,7 +192,7 @@ class Inputs:
 
     @property
     def x(self):
-        return self._get("x", self._activation)
+        return self._get("x", lambda: self._activation(view=self._slice))
 
     @property
     def dy(self):
@@ -630,7 +636,10 @@ def parse_args(argv=None):
     p.add_argument("--ops", type=comma_list(OPS),
                    help=f"comma list of {', '.join(OPS)}, or all (default: {','.join(DEFAULT_OPS)})")
     p.add_argument("--dtypes", type=comma_list(DTYPES), help="default CPU: float32; GPU: float32,float16,bfloat16")
-    p.add_argument("--formats", type=comma_list(FORMATS), default=list(FORMATS), help="default: NCHW,channels_last")
+    p.add_argument("--formats", type=comma_list(FORMATS), default=list(DEFAULT_FORMATS),
+                   help="comma list of NCHW, channels_last, channel_slice (NCHW input that is channels [0, C) of "
+                        "2C, as x.chunk(2, dim=1) gives: fastbn's strided path; dy and residual contiguous) "
+                        "(default: NCHW,channels_last)")
     p.add_argument("--shapes", type=comma_list(), default=["resnet50", "bn1d", "smallc"],
                    help="comma list of resnet50 (its 12 BN shapes), bn1d (%s), smallc (%s) or NxCxHxW "
                         "(default: resnet50,bn1d,smallc)" % (shape_str(BN1D_SHAPE), shape_str(SMALL_C_SHAPE)))

@@ -38,8 +38,9 @@ DTYPE_CASES = [
 # the channels innermost), "sliced" takes every other element of the last dimension (not dense).
 FORMATS = ("contiguous", "channels_last", "transposed", "sliced")
 # Views of a larger contiguous tensor, for the strided path's runs (csrc/cpu/strided_impl.h): "channel_slice"
-# takes channels 1..C of C + 2, "sample_step" every other sample, "cropped" drops the border of the last two dims.
-VIEW_FORMATS = ("channel_slice", "sample_step", "cropped")
+# takes channels 1..C of C + 2 ("channels_last_slice": of a channels_last tensor), "sample_step" every other sample,
+# "cropped" drops the border of the last two dims.
+VIEW_FORMATS = ("channel_slice", "channels_last_slice", "sample_step", "cropped")
 
 
 def formats_for(shape):
@@ -113,6 +114,8 @@ def make_input(shape, dtype=torch.float32, fmt="contiguous", scale=2.0, shift=0.
         x = randn(shape[:-1] + (2 * shape[-1],))[..., ::2]
     elif fmt == "channel_slice":
         x = randn((shape[0], shape[1] + 2) + shape[2:])[:, 1:-1]
+    elif fmt == "channels_last_slice":
+        x = randn((shape[0], shape[1] + 2) + shape[2:]).contiguous(memory_format=named_memory_format(ndim))[:, 1:-1]
     elif fmt == "sample_step":
         x = randn((2 * shape[0],) + shape[1:])[::2]
     elif fmt == "cropped":

@@ -353,10 +353,12 @@ def test_reduction_tilings(shape, fmt, dtype, training, use_residual, relu):
 
 # Views the CPU's strided path walks in runs of contiguous values (csrc/cpu/strided_impl.h): planes of a channel
 # slice or of every other sample (runs of H·W), cropped rows (runs of W - 2; 3 values: shorter than a vector),
-# planes longer than one segment of a run's sums (130x130 > kMaxChannelRun), and a 2-D channel slice (its runs are
-# the samples of a channel, C + 2 values apart: walked one value at a time).
+# planes longer than one segment of a run's sums (130x130 > kMaxChannelRun); and in rows of contiguous channels:
+# channel slices of an (N, C) matrix (one reduction item, then two, 37 channels: a partial vector per row) and of a
+# channels_last tensor.
 VIEWS = [((4, 6, 9, 7), "channel_slice"), ((3, 5, 8, 8), "sample_step"), ((2, 4, 11, 35), "cropped"),
-         ((2, 3, 4, 5), "cropped"), ((2, 2, 130, 130), "channel_slice"), ((9, 5), "channel_slice")]
+         ((2, 3, 4, 5), "cropped"), ((2, 2, 130, 130), "channel_slice"), ((9, 5), "channel_slice"),
+         ((300, 37), "channel_slice"), ((3, 20, 5, 7), "channels_last_slice")]
 
 
 @pytest.mark.parametrize("use_residual,relu", EPILOGUES)

@@ -8,10 +8,15 @@
 // NCHW tensor is then runs of H·W values. Other runs (every other element of the last dim, runs shorter than a
 // vector) are walked one value at a time, still without the odometer of the outer dims between values. Included
 // once per CPU capability, after kernels_impl.h (kernels_build.h).
-// Against the value-by-value walk this replaces, float32, 2-vCPU Xeon, medians of 20 calls, forward-train / eval /
+// Where the channels are contiguous in every operand (a channel slice of channels_last or of an (N, C) matrix), a
+// channel's values are a column: the rows walk (Walk::kRows) takes the positions in memory order instead, each a
+// row of C values, with the per-channel coefficients and sums in arrays along the row, as the kRows kernels do.
+// Against the value-by-value walk both replace, float32, 2-vCPU Xeon, medians of 20 calls, forward-train / eval /
 // backward in ms (torch's in brackets): channel slice 32x64x28x28 of 128 channels 5.07 / 2.14 / 5.29 -> 0.42 / 0.26 /
 // 0.65 (1.38 / 0.68 / 1.55); 32x64x56x56 with H and W transposed 19.4 / 9.2 / 20.6 -> 1.6 / 1.0 / 2.8 (6.4 / 3.9 /
-// 9.3); every other value of a 112-wide last dim 20.7 / 9.6 / 23.4 -> 5.0 / 1.8 / 9.3 (6.1 / 3.4 / 9.3).
+// 9.3); every other value of a 112-wide last dim 20.7 / 9.6 / 23.4 -> 5.0 / 1.8 / 9.3 (6.1 / 3.4 / 9.3); rows walk:
+// 4096x1024 slice of 2048 columns 44.0 / 32.5 / 65.8 -> 2.8 / 1.2 / 3.5 (16.5 / 1.7 / 106), channels_last 32x64x28x28
+// slice of 128 channels 0.72 / 0.43 / 0.99 (6.1 / 0.8 / 28.1).
 //
 // Passes over memory are the unfused kernels': stats 1E, normalize 2E, backward_reduce 2E, backward_elementwise
 // 3E. Work items are (channel, chunk of its runs of about kChunk values), so a single huge channel still splits
@@ -26,13 +31,33 @@ namespace FASTBN_CPU_CAP {
 namespace {
 
 constexpr int64_t kChunk = 8192;  // values per work item, at least one run
+// Rows walks: a reduction's work items are at least 1/kRowItems of the rows and at most kMaxItemRows rows (each
+// float lane of their per-channel sums adds that many values); per item, C partial sums are merged.
+constexpr int64_t kRowItems = 64;
+constexpr int64_t kMaxItemRows = 4096;
 
-// Visits the runs of one channel in a fixed order (the input's dims other than 1, largest stride outermost),
-// handing f the offset of the run's first value in each of K operands.
+enum class Walk {
+  kRuns,  // per channel: runs of the innermost non-channel dim
+  kRows,  // the channels are contiguous in every operand: each position is a row of C values, walked in order
+};
+
+// Whether every operand holds its channels contiguously (a channel slice of channels_last or of an (N, C) matrix),
+// so that the rows walk reads memory in order where the per-channel walk would read columns.
+template <size_t K>
+Walk walk_for(const std::array<const at::Tensor*, K>& ts) {
+  const bool rows = ts[0]->size(1) > 1 && std::all_of(ts.begin(), ts.end(), [](const at::Tensor* t) {
+    return t->stride(1) == 1;
+  });
+  return rows ? Walk::kRows : Walk::kRuns;
+}
+
+// Visits the runs of one channel (kRuns) or the rows (kRows, one run per position, channel 0) in a fixed order
+// (the input's dims other than 1, largest stride outermost), handing f the offset of the run's first value in each
+// of K operands. item_runs: runs per work item (default: about kChunk values).
 template <int K>
 class Walker {
  public:
-  explicit Walker(const std::array<const at::Tensor*, K>& ts) {
+  explicit Walker(const std::array<const at::Tensor*, K>& ts, Walk walk = Walk::kRuns, int64_t item_runs = 0) {
     const at::Tensor& x = *ts[0];
     std::vector<int64_t> dims;
     for (int64_t d = 0; d < x.dim(); ++d) {
@@ -53,7 +78,7 @@ class Walker {
         stride_.push_back(st);
       }
     }
-    if (!size_.empty()) {  // the innermost dim is walked as runs
+    if (walk == Walk::kRuns && !size_.empty()) {  // the innermost dim is walked as runs
       run_ = size_.back();
       step_ = stride_.back();
       size_.pop_back();
@@ -62,7 +87,8 @@ class Walker {
     contiguous_ = std::all_of(step_.begin(), step_.end(), [](int64_t s) { return s == 1; });
     for (const int64_t s : size_) runs_ *= s;
     for (int k = 0; k < K; ++k) cstride_[k] = ts[k]->stride(1);
-    chunk_runs_ = std::max<int64_t>(1, kChunk / run_);
+    const int64_t row = walk == Walk::kRows ? x.size(1) : 1;
+    chunk_runs_ = item_runs > 0 ? item_runs : std::max<int64_t>(1, kChunk / (run_ * row));
   }
 
   int64_t run() const { return run_; }          // values per run
@@ -132,8 +158,80 @@ void run_segments(int64_t n, F&& f) {
   for (int64_t s0 = 0; s0 < n; s0 += kMaxChannelRun) f(RunTile{0, 1, std::min(kMaxChannelRun, n - s0), s0, 0, 1, 0});
 }
 
+// Rows per work item of a rows-walk reduction over `rows` rows of C channels.
+inline int64_t reduce_item_rows(int64_t rows, int64_t C) {
+  return std::min(kMaxItemRows, std::max({int64_t(1), kChunk / C, div_up(rows, kRowItems)}));
+}
+
+// f(i, count) for each vector of a row of C values, in order: count values at i, fewer in the last one.
+template <typename scalar_t, typename F>
+C10_ALWAYS_INLINE void row_vectors(int64_t C, F&& f) {
+  using IO = VecIO<scalar_t>;
+  for (int64_t i = 0; i < C; i += IO::kWidth) {
+    const int64_t count = std::min(IO::kWidth, C - i);
+    f(i, count);
+  }
+}
+
+// The rows walk's statistics: per item, shifted sums per channel along the rows (shift: the item's first row),
+// in acc_t arrays of C; per item and channel (mean, m2) in double, merged per channel in item order.
+template <typename scalar_t>
+void rows_stats(const StatsArgs<scalar_t>& a) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  constexpr int P = IO::kParts;
+  constexpr int64_t V = IO::kVec;
+  const int64_t C = a.x->size(1), rows = a.x->numel() / C;
+  const Walker<1> w({a.x}, Walk::kRows, reduce_item_rows(rows, C));
+  const scalar_t* x = a.x->template data_ptr<scalar_t>();
+  const int64_t items = w.chunks();
+  std::vector<double> part_mean(items * C), part_m2(items * C);
+  std::vector<int64_t> item_count(items);
+  w.for_items(1, [&](int64_t, int64_t begin, int64_t end, int64_t item) {
+    std::vector<acc_t> k(C), s(C, acc_t(0)), s2(C, acc_t(0));
+    bool first = true;
+    w.walk(0, begin, end, [&](const int64_t* off) {
+      const scalar_t* row = x + off[0];
+      if (first) {
+        for (int64_t c = 0; c < C; ++c) k[c] = acc_t(row[c]);
+        first = false;
+      }
+      row_vectors<scalar_t>(C, [&](int64_t i, int64_t count) {
+        Vec v[P];
+        IO::load(row + i, v, count);
+        for (int q = 0; q < P; ++q) {
+          const int64_t o = i + q * V, n = part_count<V>(count, q);
+          if (n <= 0) continue;
+          const Vec d = v[q] - Vec::loadu(&k[o], n);
+          (Vec::loadu(&s[o], n) + d).store(&s[o], n);
+          at::vec::fmadd(d, d, Vec::loadu(&s2[o], n)).store(&s2[o], n);
+        }
+      });
+    });
+    const int64_t n = end - begin;
+    const double inv_n = 1.0 / double(n);
+    for (int64_t c = 0; c < C; ++c) {
+      const double sc = s[c], m2 = double(s2[c]) - sc * (sc * inv_n);
+      part_mean[item * C + c] = double(k[c]) + sc * inv_n;
+      part_m2[item * C + c] = m2 < 0 ? 0 : m2;  // rounding only; NaN stays NaN
+    }
+    item_count[item] = n;
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    int64_t n = 0;
+    double mean = 0, m2 = 0;
+    for (int64_t i = 0; i < items; ++i) {
+      chan_merge<double>(n, mean, m2, item_count[i], part_mean[i * C + c], part_m2[i * C + c]);
+    }
+    a.mean[c] = static_cast<acc_t>(mean);
+    a.m2[c] = static_cast<acc_t>(m2);
+  }
+}
+
 template <typename scalar_t>
 void strided_stats(const StatsArgs<scalar_t>& a) {
+  if (walk_for<1>({a.x}) == Walk::kRows) return rows_stats(a);
   using acc_t = at::opmath_type<scalar_t>;
   const Walker<1> w({a.x});
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
@@ -188,9 +286,28 @@ void strided_stats(const StatsArgs<scalar_t>& a) {
 }
 
 template <typename scalar_t, bool kResidual, bool kRelu>
+void rows_normalize(const NormalizeArgs<scalar_t>& a, const std::array<const at::Tensor*, 3>& ts) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Walker<3> w(ts, Walk::kRows);
+  const scalar_t* x = a.x->template data_ptr<scalar_t>();
+  scalar_t* y = a.y->template data_ptr<scalar_t>();
+  const scalar_t* res = kResidual ? a.residual->template data_ptr<scalar_t>() : nullptr;
+  const int64_t C = a.x->size(1);
+  const RowCoef<acc_t> mean(a.mean), scale(a.scale), shift(a.shift);
+  w.for_items(1, [&](int64_t, int64_t begin, int64_t end, int64_t) {
+    w.walk(0, begin, end, [&](const int64_t* off) {
+      normalize_run<scalar_t, kResidual, kRelu>(x + off[0], kResidual ? res + off[2] : nullptr, y + off[1], C, mean,
+                                                scale, shift, false, 0);
+    });
+  });
+}
+
+template <typename scalar_t, bool kResidual, bool kRelu>
 void strided_normalize_impl(const NormalizeArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Walker<3> w({a.x, a.y, kResidual ? a.residual : a.x});
+  const std::array<const at::Tensor*, 3> ts{a.x, a.y, kResidual ? a.residual : a.x};
+  if (walk_for(ts) == Walk::kRows) return rows_normalize<scalar_t, kResidual, kRelu>(a, ts);
+  const Walker<3> w(ts);
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
   scalar_t* y = a.y->template data_ptr<scalar_t>();
   const scalar_t* res = kResidual ? a.residual->template data_ptr<scalar_t>() : nullptr;
@@ -223,10 +340,66 @@ void strided_normalize(const NormalizeArgs<scalar_t>& a) {
   });
 }
 
+// The rows walk's backward sums: per item, Σg and Σg·(x - mean) per channel along the rows in acc_t arrays of C;
+// per item and channel in double, summed per channel in item order.
+template <typename scalar_t, bool kOutputMask, bool kRelu>
+void rows_backward_reduce(const ReduceArgs<scalar_t>& a, const std::array<const at::Tensor*, 3>& ts) {
+  constexpr bool kRecompute = kRecomputeMask<kOutputMask, kRelu>;
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  constexpr int P = IO::kParts;
+  constexpr int64_t V = IO::kVec;
+  const int64_t C = a.x->size(1), rows = a.x->numel() / C;
+  const Walker<3> w(ts, Walk::kRows, reduce_item_rows(rows, C));
+  const scalar_t* x = a.x->template data_ptr<scalar_t>();
+  const scalar_t* dy = a.dy->template data_ptr<scalar_t>();
+  const scalar_t* y = kOutputMask ? a.output->template data_ptr<scalar_t>() : nullptr;
+  const int64_t items = w.chunks();
+  std::vector<double> part_g(items * C), part_gx(items * C);
+  const Vec zero(acc_t(0));
+  w.for_items(1, [&](int64_t, int64_t begin, int64_t end, int64_t item) {
+    std::vector<acc_t> sum_g(C, acc_t(0)), sum_gx(C, acc_t(0));
+    w.walk(0, begin, end, [&](const int64_t* off) {
+      row_vectors<scalar_t>(C, [&](int64_t i, int64_t count) {
+        Vec d[P], v[P], yv[P];
+        IO::load(dy + off[1] + i, d, count);
+        IO::load(x + off[0] + i, v, count);
+        if constexpr (kOutputMask) IO::load(y + off[2] + i, yv, count);
+        for (int q = 0; q < P; ++q) {
+          const int64_t o = i + q * V, n = part_count<V>(count, q);
+          if (n <= 0) continue;
+          Vec sg = Vec::loadu(&sum_g[o], n), sgx = Vec::loadu(&sum_gx[o], n);
+          add_g<Vec, kOutputMask, kRelu>(d[q], v[q], kOutputMask ? yv[q] : zero, Vec::loadu(a.mean + o, n),
+                                         kRecompute ? Vec::loadu(a.scale + o, n) : zero,
+                                         kRecompute ? Vec::loadu(a.shift + o, n) : zero, sg, sgx);
+          sg.store(&sum_g[o], n);
+          sgx.store(&sum_gx[o], n);
+        }
+      });
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      part_g[item * C + c] = sum_g[c];
+      part_gx[item * C + c] = sum_gx[c];
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double tg = 0, tgx = 0;
+    for (int64_t i = 0; i < items; ++i) {
+      tg += part_g[i * C + c];
+      tgx += part_gx[i * C + c];
+    }
+    a.sum_g[c] = static_cast<acc_t>(tg);
+    a.sum_gxmu[c] = static_cast<acc_t>(tgx);
+  }
+}
+
 template <typename scalar_t, bool kOutputMask, bool kRelu>
 void strided_backward_reduce_impl(const ReduceArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Walker<3> w({a.x, a.dy, kOutputMask ? a.output : a.x});
+  const std::array<const at::Tensor*, 3> ts{a.x, a.dy, kOutputMask ? a.output : a.x};
+  if (walk_for(ts) == Walk::kRows) return rows_backward_reduce<scalar_t, kOutputMask, kRelu>(a, ts);
+  const Walker<3> w(ts);
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
   const scalar_t* dy = a.dy->template data_ptr<scalar_t>();
   const scalar_t* y = kOutputMask ? a.output->template data_ptr<scalar_t>() : nullptr;
@@ -281,10 +454,34 @@ void strided_backward_reduce(const ReduceArgs<scalar_t>& a) {
 }
 
 template <typename scalar_t, bool kOutputMask, bool kRelu, bool kTrain>
+void rows_backward_elementwise(const ElementwiseArgs<scalar_t>& a, const std::array<const at::Tensor*, 5>& ts) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Walker<5> w(ts, Walk::kRows);
+  const scalar_t* x = a.x->template data_ptr<scalar_t>();
+  const scalar_t* dy = a.dy->template data_ptr<scalar_t>();
+  const scalar_t* y = kOutputMask ? a.output->template data_ptr<scalar_t>() : nullptr;
+  scalar_t* dx = a.dx ? a.dx->template data_ptr<scalar_t>() : nullptr;
+  scalar_t* gout = a.g_out ? a.g_out->template data_ptr<scalar_t>() : nullptr;
+  const int64_t C = a.x->size(1);
+  const RowCoef<acc_t> mean(a.mean), scale(a.scale), shift(a.shift), k(a.k);
+  const RowCoef<acc_t> p(kTrain ? a.p : a.k), q(kTrain ? a.q : a.k);  // p, q unused when !kTrain
+  w.for_items(1, [&](int64_t, int64_t begin, int64_t end, int64_t) {
+    w.walk(0, begin, end, [&](const int64_t* off) {
+      backward_run<scalar_t, kOutputMask, kRelu, kTrain>(dy + off[1], x + off[0], kOutputMask ? y + off[2] : nullptr,
+                                                         dx ? dx + off[3] : nullptr, gout ? gout + off[4] : nullptr,
+                                                         C, mean, scale, shift, k, p, q, false);
+    });
+  });
+}
+
+template <typename scalar_t, bool kOutputMask, bool kRelu, bool kTrain>
 void strided_backward_elementwise_impl(const ElementwiseArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kNeedX = kTrain || kRecomputeMask<kOutputMask, kRelu>;
-  const Walker<5> w({a.x, a.dy, kOutputMask ? a.output : a.x, a.dx ? a.dx : a.x, a.g_out ? a.g_out : a.x});
+  const std::array<const at::Tensor*, 5> ts{a.x, a.dy, kOutputMask ? a.output : a.x, a.dx ? a.dx : a.x,
+                                            a.g_out ? a.g_out : a.x};
+  if (walk_for(ts) == Walk::kRows) return rows_backward_elementwise<scalar_t, kOutputMask, kRelu, kTrain>(a, ts);
+  const Walker<5> w(ts);
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
   const scalar_t* dy = a.dy->template data_ptr<scalar_t>();
   const scalar_t* y = kOutputMask ? a.output->template data_ptr<scalar_t>() : nullptr;
