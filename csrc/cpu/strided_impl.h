@@ -18,9 +18,15 @@
 // 4096x1024 slice of 2048 columns 44.0 / 32.5 / 65.8 -> 2.8 / 1.2 / 3.5 (16.5 / 1.7 / 106), channels_last 32x64x28x28
 // slice of 128 channels 0.72 / 0.43 / 0.99 (6.1 / 0.8 / 28.1).
 //
+// The elementwise passes (normalize, backward_elementwise) walk the runs of all channels in the input's memory
+// order (Walk::kOrdered): per channel, the 7x7 planes of a channel slice are 196 bytes each, a sample apart, and the
+// hardware prefetchers did not follow (eval of a 32x2048x7x7 slice of 4096 channels 3.24 -> 1.20 ms, torch 2.15 ms;
+// bench_ops --formats channel_slice, 2-vCPU Xeon).
+//
 // Passes over memory are the unfused kernels': stats 1E, normalize 2E, backward_reduce 2E, backward_elementwise
-// 3E. Work items are (channel, chunk of its runs of about kChunk values), so a single huge channel still splits
-// across threads; reductions keep per-item partials and merge them per channel in a fixed order.
+// 3E. Work items are chunks of about kChunk values (of one channel's runs in the reductions, so a single huge
+// channel still splits across threads); reductions keep per-item partials and merge them per channel in a fixed
+// order.
 #ifndef FASTBN_CPU_CAP
 #error "define FASTBN_CPU_CAP before including strided_impl.h"
 #endif
@@ -37,8 +43,9 @@ constexpr int64_t kRowItems = 64;
 constexpr int64_t kMaxItemRows = 4096;
 
 enum class Walk {
-  kRuns,  // per channel: runs of the innermost non-channel dim
-  kRows,  // the channels are contiguous in every operand: each position is a row of C values, walked in order
+  kRuns,     // per channel: runs of the innermost non-channel dim
+  kOrdered,  // the runs of every channel in the input's memory order (elementwise passes), the channel per run
+  kRows,     // the channels are contiguous in every operand: each position is a row of C values, walked in order
 };
 
 // Whether every operand holds its channels contiguously (a channel slice of channels_last or of an (N, C) matrix),
@@ -51,9 +58,10 @@ Walk walk_for(const std::array<const at::Tensor*, K>& ts) {
   return rows ? Walk::kRows : Walk::kRuns;
 }
 
-// Visits the runs of one channel (kRuns) or the rows (kRows, one run per position, channel 0) in a fixed order
-// (the input's dims other than 1, largest stride outermost), handing f the offset of the run's first value in each
-// of K operands. item_runs: runs per work item (default: about kChunk values).
+// Visits the runs of one channel (kRuns), of all channels (kOrdered) or the rows (kRows, one run per position) in a
+// fixed order (the input's dims, largest stride outermost; dim 1 only with kOrdered, where it is never merged),
+// handing f(off, c) the offset of the run's first value in each of K operands and the run's channel (0 for rows).
+// item_runs: runs per work item (default: about kChunk values).
 template <int K>
 class Walker {
  public:
@@ -61,15 +69,16 @@ class Walker {
     const at::Tensor& x = *ts[0];
     std::vector<int64_t> dims;
     for (int64_t d = 0; d < x.dim(); ++d) {
-      if (d != 1 && x.size(d) > 1) dims.push_back(d);
+      if ((d != 1 || walk == Walk::kOrdered) && x.size(d) > 1) dims.push_back(d);
     }
     std::stable_sort(dims.begin(), dims.end(), [&](int64_t a, int64_t b) { return x.stride(a) > x.stride(b); });
     for (const int64_t d : dims) {
       std::array<int64_t, K> st;
       for (int k = 0; k < K; ++k) st[k] = ts[k]->stride(d);
       // An inner dim continues the outer one in every operand: one dim of both.
-      bool merge = !size_.empty();
+      bool merge = !size_.empty() && d != 1 && channel_dim_ != static_cast<int>(size_.size()) - 1;
       for (int k = 0; k < K && merge; ++k) merge = stride_.back()[k] == st[k] * x.size(d);
+      if (d == 1) channel_dim_ = static_cast<int>(size_.size());
       if (merge) {
         size_.back() *= x.size(d);
         stride_.back() = st;
@@ -78,7 +87,8 @@ class Walker {
         stride_.push_back(st);
       }
     }
-    if (walk == Walk::kRuns && !size_.empty()) {  // the innermost dim is walked as runs
+    const int inner = static_cast<int>(size_.size()) - 1;
+    if (walk != Walk::kRows && inner >= 0 && inner != channel_dim_) {  // the innermost dim is walked as runs
       run_ = size_.back();
       step_ = stride_.back();
       size_.pop_back();
@@ -117,7 +127,7 @@ class Walker {
     const int nd = static_cast<int>(size_.size());
     std::vector<int64_t> idx(nd);
     int64_t off[K];
-    for (int k = 0; k < K; ++k) off[k] = c * cstride_[k];
+    for (int k = 0; k < K; ++k) off[k] = channel_dim_ < 0 ? c * cstride_[k] : 0;
     int64_t rem = begin;
     for (int i = nd - 1; i >= 0; --i) {
       idx[i] = rem % size_[i];
@@ -125,7 +135,7 @@ class Walker {
       for (int k = 0; k < K; ++k) off[k] += idx[i] * stride_[i][k];
     }
     for (int64_t n = begin; n < end; ++n) {
-      f(static_cast<const int64_t*>(off));
+      f(static_cast<const int64_t*>(off), channel_dim_ < 0 ? c : idx[channel_dim_]);
       for (int i = nd - 1; i >= 0; --i) {
         for (int k = 0; k < K; ++k) off[k] += stride_[i][k];
         if (++idx[i] < size_[i]) break;
@@ -137,6 +147,7 @@ class Walker {
 
  private:
   int64_t run_ = 1;
+  int channel_dim_ = -1;  // kOrdered: the channel dim's place in size_ (when over 1 channel)
   std::array<int64_t, K> step_{};
   bool contiguous_ = true;
   int64_t runs_ = 1;  // per channel
@@ -191,7 +202,7 @@ void rows_stats(const StatsArgs<scalar_t>& a) {
   w.for_items(1, [&](int64_t, int64_t begin, int64_t end, int64_t item) {
     std::vector<acc_t> k(C), s(C, acc_t(0)), s2(C, acc_t(0));
     bool first = true;
-    w.walk(0, begin, end, [&](const int64_t* off) {
+    w.walk(0, begin, end, [&](const int64_t* off, int64_t) {
       const scalar_t* row = x + off[0];
       if (first) {
         for (int64_t c = 0; c < C; ++c) k[c] = acc_t(row[c]);
@@ -245,7 +256,7 @@ void strided_stats(const StatsArgs<scalar_t>& a) {
     acc_t k = 0;
     bool first = true;
     double s = 0, s2 = 0;
-    w.walk(c, begin, end, [&](const int64_t* off) {
+    w.walk(c, begin, end, [&](const int64_t* off, int64_t) {
       const scalar_t* run = x + off[0];
       if (first) {
         k = acc_t(run[0]);
@@ -295,7 +306,7 @@ void rows_normalize(const NormalizeArgs<scalar_t>& a, const std::array<const at:
   const int64_t C = a.x->size(1);
   const RowCoef<acc_t> mean(a.mean), scale(a.scale), shift(a.shift);
   w.for_items(1, [&](int64_t, int64_t begin, int64_t end, int64_t) {
-    w.walk(0, begin, end, [&](const int64_t* off) {
+    w.walk(0, begin, end, [&](const int64_t* off, int64_t) {
       normalize_run<scalar_t, kResidual, kRelu>(x + off[0], kResidual ? res + off[2] : nullptr, y + off[1], C, mean,
                                                 scale, shift, false, 0);
     });
@@ -307,20 +318,20 @@ void strided_normalize_impl(const NormalizeArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
   const std::array<const at::Tensor*, 3> ts{a.x, a.y, kResidual ? a.residual : a.x};
   if (walk_for(ts) == Walk::kRows) return rows_normalize<scalar_t, kResidual, kRelu>(a, ts);
-  const Walker<3> w(ts);
+  const Walker<3> w(ts, Walk::kOrdered);
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
   scalar_t* y = a.y->template data_ptr<scalar_t>();
   const scalar_t* res = kResidual ? a.residual->template data_ptr<scalar_t>() : nullptr;
   const int64_t len = w.run();
   const bool vec = vector_runs<scalar_t>(w);
   const auto& st = w.step();
-  w.for_items(a.x->size(1), [&](int64_t c, int64_t begin, int64_t end, int64_t) {
-    const acc_t mean = a.mean[c], scale = a.scale[c], shift = a.shift[c];
-    const PlaneCoef<acc_t> vmean(mean), vscale(scale), vshift(shift);
-    w.walk(c, begin, end, [&](const int64_t* off) {
+  w.for_items(1, [&](int64_t, int64_t begin, int64_t end, int64_t) {
+    w.walk(0, begin, end, [&](const int64_t* off, int64_t c) {
+      const acc_t mean = a.mean[c], scale = a.scale[c], shift = a.shift[c];
       if (vec) {
         normalize_run<scalar_t, kResidual, kRelu>(x + off[0], kResidual ? res + off[2] : nullptr, y + off[1], len,
-                                                  vmean, vscale, vshift, false, 0);
+                                                  PlaneCoef<acc_t>(mean), PlaneCoef<acc_t>(scale),
+                                                  PlaneCoef<acc_t>(shift), false, 0);
         return;
       }
       for (int64_t i = 0; i < len; ++i) {
@@ -360,7 +371,7 @@ void rows_backward_reduce(const ReduceArgs<scalar_t>& a, const std::array<const 
   const Vec zero(acc_t(0));
   w.for_items(1, [&](int64_t, int64_t begin, int64_t end, int64_t item) {
     std::vector<acc_t> sum_g(C, acc_t(0)), sum_gx(C, acc_t(0));
-    w.walk(0, begin, end, [&](const int64_t* off) {
+    w.walk(0, begin, end, [&](const int64_t* off, int64_t) {
       row_vectors<scalar_t>(C, [&](int64_t i, int64_t count) {
         Vec d[P], v[P], yv[P];
         IO::load(dy + off[1] + i, d, count);
@@ -410,7 +421,7 @@ void strided_backward_reduce_impl(const ReduceArgs<scalar_t>& a) {
   w.for_items(C, [&](int64_t c, int64_t begin, int64_t end, int64_t item) {
     const acc_t mean = a.mean[c], scale = a.scale[c], shift = a.shift[c];
     double sg = 0, sgx = 0;
-    w.walk(c, begin, end, [&](const int64_t* off) {
+    w.walk(c, begin, end, [&](const int64_t* off, int64_t) {
       if (vec) {
         run_segments(len, [&](const RunTile& t) {
           double tg, tgx;
@@ -466,7 +477,7 @@ void rows_backward_elementwise(const ElementwiseArgs<scalar_t>& a, const std::ar
   const RowCoef<acc_t> mean(a.mean), scale(a.scale), shift(a.shift), k(a.k);
   const RowCoef<acc_t> p(kTrain ? a.p : a.k), q(kTrain ? a.q : a.k);  // p, q unused when !kTrain
   w.for_items(1, [&](int64_t, int64_t begin, int64_t end, int64_t) {
-    w.walk(0, begin, end, [&](const int64_t* off) {
+    w.walk(0, begin, end, [&](const int64_t* off, int64_t) {
       backward_run<scalar_t, kOutputMask, kRelu, kTrain>(dy + off[1], x + off[0], kOutputMask ? y + off[2] : nullptr,
                                                          dx ? dx + off[3] : nullptr, gout ? gout + off[4] : nullptr,
                                                          C, mean, scale, shift, k, p, q, false);
@@ -481,7 +492,7 @@ void strided_backward_elementwise_impl(const ElementwiseArgs<scalar_t>& a) {
   const std::array<const at::Tensor*, 5> ts{a.x, a.dy, kOutputMask ? a.output : a.x, a.dx ? a.dx : a.x,
                                             a.g_out ? a.g_out : a.x};
   if (walk_for(ts) == Walk::kRows) return rows_backward_elementwise<scalar_t, kOutputMask, kRelu, kTrain>(a, ts);
-  const Walker<5> w(ts);
+  const Walker<5> w(ts, Walk::kOrdered);
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
   const scalar_t* dy = a.dy->template data_ptr<scalar_t>();
   const scalar_t* y = kOutputMask ? a.output->template data_ptr<scalar_t>() : nullptr;
@@ -490,15 +501,15 @@ void strided_backward_elementwise_impl(const ElementwiseArgs<scalar_t>& a) {
   const int64_t len = w.run();
   const bool vec = vector_runs<scalar_t>(w);
   const auto& st = w.step();
-  w.for_items(a.x->size(1), [&](int64_t c, int64_t begin, int64_t end, int64_t) {
-    const acc_t mean = a.mean[c], scale = a.scale[c], shift = a.shift[c], k = a.k[c];
-    const acc_t p = kTrain ? a.p[c] : acc_t(0), q = kTrain ? a.q[c] : acc_t(0);
-    const PlaneCoef<acc_t> vmean(mean), vscale(scale), vshift(shift), vk(k), vp(p), vq(q);
-    w.walk(c, begin, end, [&](const int64_t* off) {
+  w.for_items(1, [&](int64_t, int64_t begin, int64_t end, int64_t) {
+    w.walk(0, begin, end, [&](const int64_t* off, int64_t c) {
+      const acc_t mean = a.mean[c], scale = a.scale[c], shift = a.shift[c], k = a.k[c];
+      const acc_t p = kTrain ? a.p[c] : acc_t(0), q = kTrain ? a.q[c] : acc_t(0);
       if (vec) {
-        backward_run<scalar_t, kOutputMask, kRelu, kTrain>(dy + off[1], x + off[0], kOutputMask ? y + off[2] : nullptr,
-                                                           dx ? dx + off[3] : nullptr, gout ? gout + off[4] : nullptr,
-                                                           len, vmean, vscale, vshift, vk, vp, vq, false);
+        backward_run<scalar_t, kOutputMask, kRelu, kTrain>(
+            dy + off[1], x + off[0], kOutputMask ? y + off[2] : nullptr, dx ? dx + off[3] : nullptr,
+            gout ? gout + off[4] : nullptr, len, PlaneCoef<acc_t>(mean), PlaneCoef<acc_t>(scale),
+            PlaneCoef<acc_t>(shift), PlaneCoef<acc_t>(k), PlaneCoef<acc_t>(p), PlaneCoef<acc_t>(q), false);
         return;
       }
       for (int64_t i = 0; i < len; ++i) {
