@@ -97,8 +97,8 @@ class Walker {
     contiguous_ = std::all_of(step_.begin(), step_.end(), [](int64_t s) { return s == 1; });
     for (const int64_t s : size_) runs_ *= s;
     for (int k = 0; k < K; ++k) cstride_[k] = ts[k]->stride(1);
-    const int64_t row = walk == Walk::kRows ? x.size(1) : 1;
-    chunk_runs_ = item_runs > 0 ? item_runs : std::max<int64_t>(1, kChunk / (run_ * row));
+    row_ = walk == Walk::kRows ? x.size(1) : 1;
+    chunk_runs_ = item_runs > 0 ? item_runs : std::max<int64_t>(1, kChunk / (run_ * row_));
   }
 
   int64_t run() const { return run_; }          // values per run
@@ -110,7 +110,8 @@ class Walker {
   template <typename F>
   void for_items(int64_t C, F&& f) const {
     const int64_t chunks = this->chunks();
-    at::parallel_for(0, C * chunks, std::max<int64_t>(1, kParallelMin / (std::min(runs_, chunk_runs_) * run_)),
+    const int64_t item_values = std::min(runs_, chunk_runs_) * run_ * row_;
+    at::parallel_for(0, C * chunks, std::max<int64_t>(1, kParallelMin / item_values),
                      [&](int64_t b, int64_t e) {
                        for (int64_t item = b; item < e; ++item) {
                          const int64_t c = item / chunks, k = item % chunks;
@@ -147,6 +148,7 @@ class Walker {
 
  private:
   int64_t run_ = 1;
+  int64_t row_ = 1;  // values per position: C for kRows
   int channel_dim_ = -1;  // kOrdered: the channel dim's place in size_ (when over 1 channel)
   std::array<int64_t, K> step_{};
   bool contiguous_ = true;
