@@ -15,8 +15,8 @@
 // backward in ms (torch's in brackets): channel slice 32x64x28x28 of 128 channels 5.07 / 2.14 / 5.29 -> 0.42 / 0.26 /
 // 0.65 (1.38 / 0.68 / 1.55); 32x64x56x56 with H and W transposed 19.4 / 9.2 / 20.6 -> 1.6 / 1.0 / 2.8 (6.4 / 3.9 /
 // 9.3); every other value of a 112-wide last dim 20.7 / 9.6 / 23.4 -> 5.0 / 1.8 / 9.3 (6.1 / 3.4 / 9.3); rows walk:
-// 4096x1024 slice of 2048 columns 44.0 / 32.5 / 65.8 -> 2.8 / 1.2 / 3.5 (16.5 / 1.7 / 106), channels_last 32x64x28x28
-// slice of 128 channels 0.72 / 0.43 / 0.99 (6.1 / 0.8 / 28.1).
+// 4096x1024 slice of 2048 columns 44.0 / 32.5 / 65.8 -> 1.6 / 0.7 / 2.0 (15.2 / 1.8 / 99.5), channels_last
+// 32x64x28x28 slice of 128 channels 0.69 / 0.40 / 0.91 (5.0 / 0.9 / 25.6).
 //
 // The elementwise passes (normalize, backward_elementwise) walk the runs of all channels in the input's memory
 // order (Walk::kOrdered): per channel, the 7x7 planes of a channel slice are 196 bytes each, a sample apart, and the
