@@ -361,16 +361,6 @@ VIEWS = [((4, 6, 9, 7), "channel_slice"), ((3, 5, 8, 8), "sample_step"), ((2, 4,
          ((300, 37), "channel_slice"), ((3, 20, 5, 7), "channels_last_slice")]
 
 
-@pytest.mark.parametrize("use_residual,relu", EPILOGUES)
-@pytest.mark.parametrize("training", TRAINING)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
-                         ids=["f32", "f16", "bf16", "f64"])
-@pytest.mark.parametrize("shape,fmt", VIEWS, ids=[f"{'x'.join(map(str, s))}-{f}" for s, f in VIEWS])
-def test_strided_views(shape, fmt, dtype, training, use_residual, relu):
-    check_step(shape, dtype, fmt, use_residual, relu, training=training,
-               param_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-
-
 # Rows whose channel count is not a multiple of the vector width: the CPU kernels take runs of several rows
 # (rows_per_run in csrc/cpu/kernels_impl.h), then the rows left over as one shorter run; fewer rows than one run;
 # a tall (N, C) with enough rows for several reduction tiles and a leftover.
@@ -382,10 +372,12 @@ ROW_RUNS = [((4, 6, 9, 7), "channels_last"), ((3, 24, 5, 7), "channels_last"), (
 @pytest.mark.parametrize("training", TRAINING)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
                          ids=["f32", "f16", "bf16", "f64"])
-@pytest.mark.parametrize("shape,fmt", ROW_RUNS, ids=[f"{'x'.join(map(str, s))}-{f}" for s, f in ROW_RUNS])
-def test_rows_not_a_whole_number_of_vectors(shape, fmt, dtype, training, use_residual, relu):
+@pytest.mark.parametrize("shape,fmt", ROW_RUNS + VIEWS,
+                         ids=[f"{'x'.join(map(str, s))}-{f}" for s, f in ROW_RUNS + VIEWS])
+def test_runs_of_rows_and_views(shape, fmt, dtype, training, use_residual, relu):
+    """ROW_RUNS and VIEWS, in every dtype and epilogue."""
     check_step(shape, dtype, fmt, use_residual, relu, training=training,
-                        param_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+               param_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
 
 
 def test_no_grad_and_inference_mode():

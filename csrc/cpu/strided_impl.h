@@ -120,8 +120,11 @@ class Walker {
                      });
   }
 
-  // Values in the runs [begin, end) of a channel.
+  // Values of one channel in the runs [begin, end), and in work item `chunk` of a channel (the partials' counts).
   int64_t values(int64_t begin, int64_t end) const { return (end - begin) * run_; }
+  int64_t chunk_values(int64_t chunk) const {
+    return values(chunk * chunk_runs_, std::min(runs_, (chunk + 1) * chunk_runs_));
+  }
 
   template <typename F>
   void walk(int64_t c, int64_t begin, int64_t end, F&& f) const {
@@ -200,7 +203,6 @@ void rows_stats(const StatsArgs<scalar_t>& a) {
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
   const int64_t items = w.chunks();
   std::vector<double> part_mean(items * C), part_m2(items * C);
-  std::vector<int64_t> item_count(items);
   w.for_items(1, [&](int64_t, int64_t begin, int64_t end, int64_t item) {
     std::vector<acc_t> k(C), s(C, acc_t(0)), s2(C, acc_t(0));
     bool first = true;
@@ -229,17 +231,9 @@ void rows_stats(const StatsArgs<scalar_t>& a) {
       part_mean[item * C + c] = double(k[c]) + sc * inv_n;
       part_m2[item * C + c] = m2 < 0 ? 0 : m2;  // rounding only; NaN stays NaN
     }
-    item_count[item] = n;
   });
-  for (int64_t c = 0; c < C; ++c) {
-    int64_t n = 0;
-    double mean = 0, m2 = 0;
-    for (int64_t i = 0; i < items; ++i) {
-      chan_merge<double>(n, mean, m2, item_count[i], part_mean[i * C + c], part_m2[i * C + c]);
-    }
-    a.mean[c] = static_cast<acc_t>(mean);
-    a.m2[c] = static_cast<acc_t>(m2);
-  }
+  merge_partials(items, C, [&](int64_t i) { return w.chunk_values(i); }, part_mean.data(), part_m2.data(), a.mean,
+                 a.m2);
 }
 
 template <typename scalar_t>
@@ -251,9 +245,9 @@ void strided_stats(const StatsArgs<scalar_t>& a) {
   const int64_t C = a.x->size(1), len = w.run(), chunks = w.chunks();
   const bool vec = vector_runs<scalar_t>(w);
   const auto& st = w.step();
-  std::vector<double> part_mean(C * chunks), part_m2(C * chunks);
-  std::vector<int64_t> part_count(C * chunks);
+  std::vector<double> part_mean(chunks * C), part_m2(chunks * C);  // [chunk][C]
   w.for_items(C, [&](int64_t c, int64_t begin, int64_t end, int64_t item) {
+    const int64_t slot = (item - c * chunks) * C + c;
     // Shifted sums as in stats_tile, shifted by the item's first value so a large mean keeps its precision.
     acc_t k = 0;
     bool first = true;
@@ -282,20 +276,11 @@ void strided_stats(const StatsArgs<scalar_t>& a) {
     const int64_t n = w.values(begin, end);
     const double inv_n = 1.0 / double(n);
     const double m2 = s2 - s * (s * inv_n);
-    part_mean[item] = double(k) + s * inv_n;
-    part_m2[item] = m2 < 0 ? 0 : m2;  // rounding only; NaN stays NaN
-    part_count[item] = n;
+    part_mean[slot] = double(k) + s * inv_n;
+    part_m2[slot] = m2 < 0 ? 0 : m2;  // rounding only; NaN stays NaN
   });
-  for (int64_t c = 0; c < C; ++c) {
-    int64_t n = 0;
-    double mean = 0, m2 = 0;
-    for (int64_t k = 0; k < chunks; ++k) {
-      const int64_t i = c * chunks + k;
-      chan_merge<double>(n, mean, m2, part_count[i], part_mean[i], part_m2[i]);
-    }
-    a.mean[c] = static_cast<acc_t>(mean);
-    a.m2[c] = static_cast<acc_t>(m2);
-  }
+  merge_partials(chunks, C, [&](int64_t k) { return w.chunk_values(k); }, part_mean.data(), part_m2.data(), a.mean,
+                 a.m2);
 }
 
 template <typename scalar_t, bool kResidual, bool kRelu>
@@ -396,15 +381,7 @@ void rows_backward_reduce(const ReduceArgs<scalar_t>& a, const std::array<const 
       part_gx[item * C + c] = sum_gx[c];
     }
   });
-  for (int64_t c = 0; c < C; ++c) {
-    double tg = 0, tgx = 0;
-    for (int64_t i = 0; i < items; ++i) {
-      tg += part_g[i * C + c];
-      tgx += part_gx[i * C + c];
-    }
-    a.sum_g[c] = static_cast<acc_t>(tg);
-    a.sum_gxmu[c] = static_cast<acc_t>(tgx);
-  }
+  sum_slots(a, items, part_g.data(), part_gx.data(), 0, C);
 }
 
 template <typename scalar_t, bool kOutputMask, bool kRelu>
@@ -419,7 +396,7 @@ void strided_backward_reduce_impl(const ReduceArgs<scalar_t>& a) {
   const int64_t C = a.x->size(1), len = w.run(), chunks = w.chunks();
   const bool vec = vector_runs<scalar_t>(w);
   const auto& st = w.step();
-  std::vector<double> part_g(C * chunks), part_gx(C * chunks);
+  std::vector<double> part_g(chunks * C), part_gx(chunks * C);  // [chunk][C]
   w.for_items(C, [&](int64_t c, int64_t begin, int64_t end, int64_t item) {
     const acc_t mean = a.mean[c], scale = a.scale[c], shift = a.shift[c];
     double sg = 0, sgx = 0;
@@ -443,18 +420,11 @@ void strided_backward_reduce_impl(const ReduceArgs<scalar_t>& a) {
         sgx += double(g * xmu);
       }
     });
-    part_g[item] = sg;
-    part_gx[item] = sgx;
+    const int64_t slot = (item - c * chunks) * C + c;
+    part_g[slot] = sg;
+    part_gx[slot] = sgx;
   });
-  for (int64_t c = 0; c < C; ++c) {
-    double tg = 0, tgx = 0;
-    for (int64_t k = 0; k < chunks; ++k) {
-      tg += part_g[c * chunks + k];
-      tgx += part_gx[c * chunks + k];
-    }
-    a.sum_g[c] = static_cast<acc_t>(tg);
-    a.sum_gxmu[c] = static_cast<acc_t>(tgx);
-  }
+  sum_slots(a, chunks, part_g.data(), part_gx.data(), 0, C);
 }
 
 template <typename scalar_t>
