@@ -277,12 +277,14 @@ def test_output_layout(shape, fmt, dtype, training):
         assert y.stride() == F.batch_norm(x, running_mean, running_var, weight, bias, training).stride()
 
 
-def check_step(shape, dtype, fmt, use_residual, relu, param_dtype=torch.float32, training=True):
-    """One forward and backward with the given epilogue match torch: output, running statistics, grads."""
+def check_step(shape, dtype, fmt, use_residual, relu, param_dtype=torch.float32, training=True, other_fmt=None):
+    """One forward and backward with the given epilogue match torch: output, running statistics, grads. The
+    residual and the output's gradient are laid out like the input, or as other_fmt."""
     x0 = make_input(shape, dtype, fmt)
     w0, b0, running_mean, running_var = make_params(shape[1], param_dtype)
-    r0 = make_like(x0) if use_residual else None
-    dy = make_like(x0)
+    like_x = (lambda: make_like(x0)) if other_fmt is None else (lambda: make_input(shape, dtype, other_fmt, 1.0, 0.0))
+    r0 = like_x() if use_residual else None
+    dy = like_x()
     x, weight, bias, residual = leaf(x0), leaf(w0), leaf(b0), leaf(r0)
     rm, rv = running_mean.clone(), running_var.clone()
     y = bn(x, rm, rv, weight, bias, training, residual=residual, activation=_activation(relu))
@@ -352,8 +354,9 @@ def test_reduction_tilings(shape, fmt, dtype, training, use_residual, relu):
 
 
 # Views the CPU's strided path walks in runs of contiguous values (csrc/cpu/strided_impl.h): planes of a channel
-# slice or of every other sample (runs of H·W), cropped rows (runs of W - 2; 3 values: shorter than a vector),
-# planes longer than one segment of a run's sums (130x130 > kMaxChannelRun); and in rows of contiguous channels:
+# slice or of every other sample (runs of H·W), cropped rows (runs of W: 35 values, and 5, shorter than a vector
+# but for float64 on AVX2), planes longer than one piece of a run (130x130 > kChunk); and in rows of contiguous
+# channels:
 # channel slices of an (N, C) matrix (one reduction item, then two, 37 channels: a partial vector per row) and of a
 # channels_last tensor.
 VIEWS = [((4, 6, 9, 7), "channel_slice"), ((3, 5, 8, 8), "sample_step"), ((2, 4, 11, 35), "cropped"),
@@ -378,6 +381,17 @@ def test_runs_of_rows_and_views(shape, fmt, dtype, training, use_residual, relu)
     """ROW_RUNS and VIEWS, in every dtype and epilogue."""
     check_step(shape, dtype, fmt, use_residual, relu, training=training,
                param_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+@pytest.mark.parametrize("use_residual,relu", [(False, False), (True, True)], ids=["bn", "add_relu"])
+@pytest.mark.parametrize("training", TRAINING)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("fmt,other_fmt", [("channels_last", "contiguous"), ("contiguous", "channels_last"),
+                                           ("channel_slice", "channels_last")], ids=lambda f: f)
+def test_mixed_layouts(fmt, other_fmt, dtype, training, use_residual, relu):
+    """The output's gradient and the residual in another layout than the input: the strided path walks each
+    operand through its own strides, the channels innermost in some of them and not in others."""
+    check_step((3, 21, 4, 6), dtype, fmt, use_residual, relu, training=training, other_fmt=other_fmt)
 
 
 def test_no_grad_and_inference_mode():

@@ -397,11 +397,12 @@ constexpr int64_t kPrefetchBytes = 8192;
 template <typename T>
 constexpr int64_t kPrefetchElements = kPrefetchBytes / int64_t(sizeof(T));
 // Whole runs, `stride` elements apart, that make at least kPrefetchBytes: how far ahead a reduction prefetches.
-// Runs past the tensor's end are not requested: their lines belong to other allocations and would be read from
-// memory for nothing, and at small batches many requests fell there (at batch 1 every one: the next run is the
-// next sample; the last group of four runs of every fused forward block). bench_ops, float32 NCHW, 2-vCPU Xeon, two
-// alternating runs of both builds, fastbn's ms before -> after: backward 1x1024x14x14 0.197/0.200 -> 0.151/0.143,
-// forward-train 4x256x28x28 0.448/0.459 -> 0.341/0.349, 8x512x28x28 1.505/1.497 -> 1.360/1.337; batch 32 unchanged.
+// Runs that start past the tensor's end are not requested (a partial last run of rows may still reach a few lines
+// past it): their lines belong to other allocations and would be read from memory for nothing, and at small batches
+// many requests fell there (at batch 1 every one: the next run is the next sample; the last group of four runs of
+// every fused forward block). bench_ops, float32 NCHW, 2-vCPU Xeon, two alternating runs of both builds, fastbn's ms
+// before -> after: backward 1x1024x14x14 0.197/0.200 -> 0.151/0.143, forward-train 4x256x28x28 0.448/0.459 ->
+// 0.341/0.349, 8x512x28x28 1.505/1.497 -> 1.360/1.337; batch 32 unchanged.
 template <typename T>
 inline int64_t prefetch_runs(int64_t stride) {
   return div_up(kPrefetchElements<T>, stride);

@@ -24,9 +24,9 @@
 // bench_ops --formats channel_slice, 2-vCPU Xeon).
 //
 // Passes over memory are the unfused kernels': stats 1E, normalize 2E, backward_reduce 2E, backward_elementwise
-// 3E. Work items are chunks of about kChunk values (of one channel's runs in the reductions, so a single huge
-// channel still splits across threads); reductions keep per-item partials and merge them per channel in a fixed
-// order.
+// 3E. Runs longer than kChunk are walked as pieces of at most kChunk values, and work items are pieces making about
+// kChunk values (of one channel in the reductions), so a single huge channel still splits across threads;
+// reductions keep per-item partials and merge them per channel in a fixed order.
 #ifndef FASTBN_CPU_CAP
 #error "define FASTBN_CPU_CAP before including strided_impl.h"
 #endif
@@ -36,11 +36,12 @@ namespace cpu {
 namespace FASTBN_CPU_CAP {
 namespace {
 
-constexpr int64_t kChunk = 8192;  // values per work item, at least one run
-// Rows walks: a reduction's work items are at least 1/kRowItems of the rows and at most kMaxItemRows rows (each
-// float lane of their per-channel sums adds that many values); per item, C partial sums are merged.
+constexpr int64_t kChunk = 8192;  // values per piece of a run and per work item (at least one piece)
+static_assert(kChunk <= kMaxChannelRun, "a piece is summed as one one_channel_sums tile");
+// Rows walks: a reduction's work items are about 1/kRowItems of the rows, at least kChunk values and at most kMaxRuns
+// rows (each float lane of their per-channel sums adds that many values, as in the tiled kernels); per item, C
+// partial sums are merged.
 constexpr int64_t kRowItems = 64;
-constexpr int64_t kMaxItemRows = 4096;
 
 enum class Walk {
   kRuns,     // per channel: runs of the innermost non-channel dim
@@ -59,13 +60,14 @@ Walk walk_for(const std::array<const at::Tensor*, K>& ts) {
 }
 
 // Visits the runs of one channel (kRuns), of all channels (kOrdered) or the rows (kRows, one run per position) in a
-// fixed order (the input's dims, largest stride outermost; dim 1 only with kOrdered, where it is never merged),
-// handing f(off, c) the offset of the run's first value in each of K operands and the run's channel (0 for rows).
-// item_runs: runs per work item (default: about kChunk values).
+// fixed order (the input's dims, largest stride outermost; dim 1 only with kOrdered, where it is never merged), a run
+// longer than kChunk as pieces of kChunk values and the rest, handing f(off, c, n) the offset of the piece's first
+// value in each of K operands, the channel (0 for rows) and the piece's values. item_pieces: pieces per work item
+// (default: about kChunk values).
 template <int K>
 class Walker {
  public:
-  explicit Walker(const std::array<const at::Tensor*, K>& ts, Walk walk = Walk::kRuns, int64_t item_runs = 0) {
+  explicit Walker(const std::array<const at::Tensor*, K>& ts, Walk walk = Walk::kRuns, int64_t item_pieces = 0) {
     const at::Tensor& x = *ts[0];
     std::vector<int64_t> dims;
     for (int64_t d = 0; d < x.dim(); ++d) {
@@ -95,51 +97,66 @@ class Walker {
       stride_.pop_back();
     }
     contiguous_ = std::all_of(step_.begin(), step_.end(), [](int64_t s) { return s == 1; });
-    for (const int64_t s : size_) runs_ *= s;
+    piece_ = std::min(run_, kChunk);
+    pieces_per_run_ = div_up(run_, piece_);
+    last_piece_ = run_ - (pieces_per_run_ - 1) * piece_;
+    pieces_ = pieces_per_run_;
+    for (const int64_t s : size_) pieces_ *= s;
     for (int k = 0; k < K; ++k) cstride_[k] = ts[k]->stride(1);
     row_ = walk == Walk::kRows ? x.size(1) : 1;
-    chunk_runs_ = item_runs > 0 ? item_runs : std::max<int64_t>(1, kChunk / (run_ * row_));
+    chunk_pieces_ = item_pieces > 0 ? item_pieces : std::max<int64_t>(1, kChunk / (piece_ * row_));
   }
 
   int64_t run() const { return run_; }          // values per run
   const std::array<int64_t, K>& step() const { return step_; }  // per operand: elements between a run's values
   bool contiguous() const { return contiguous_; }  // runs are contiguous in every operand
-  int64_t chunks() const { return div_up(runs_, chunk_runs_); }  // work items per channel
+  int64_t chunks() const { return div_up(pieces_, chunk_pieces_); }  // work items per channel
 
-  // Runs f(c, begin, end, item) over the (channel, chunk of runs) items in parallel; item = c·chunks() + chunk.
+  // Runs f(c, begin, end, item) over the (channel, chunk of pieces) items in parallel; item = c·chunks() + chunk.
   template <typename F>
   void for_items(int64_t C, F&& f) const {
     const int64_t chunks = this->chunks();
-    const int64_t item_values = std::min(runs_, chunk_runs_) * run_ * row_;
+    const int64_t item_values = std::min(pieces_, chunk_pieces_) * piece_ * row_;
     at::parallel_for(0, C * chunks, std::max<int64_t>(1, kParallelMin / item_values),
                      [&](int64_t b, int64_t e) {
                        for (int64_t item = b; item < e; ++item) {
                          const int64_t c = item / chunks, k = item % chunks;
-                         f(c, k * chunk_runs_, std::min(runs_, (k + 1) * chunk_runs_), item);
+                         f(c, k * chunk_pieces_, std::min(pieces_, (k + 1) * chunk_pieces_), item);
                        }
                      });
   }
 
-  // Values of one channel in the runs [begin, end), and in work item `chunk` of a channel (the partials' counts).
-  int64_t values(int64_t begin, int64_t end) const { return (end - begin) * run_; }
+  // Values of one channel in the pieces [begin, end) (every pieces_per_run_-th piece is a run's last, shorter one),
+  // and in work item `chunk` of a channel (the partials' counts).
+  int64_t values(int64_t begin, int64_t end) const {
+    const int64_t last_pieces = end / pieces_per_run_ - begin / pieces_per_run_;
+    return (end - begin) * piece_ - last_pieces * (piece_ - last_piece_);
+  }
   int64_t chunk_values(int64_t chunk) const {
-    return values(chunk * chunk_runs_, std::min(runs_, (chunk + 1) * chunk_runs_));
+    return values(chunk * chunk_pieces_, std::min(pieces_, (chunk + 1) * chunk_pieces_));
   }
 
   template <typename F>
   void walk(int64_t c, int64_t begin, int64_t end, F&& f) const {
     const int nd = static_cast<int>(size_.size());
     std::vector<int64_t> idx(nd);
-    int64_t off[K];
+    int64_t off[K], piece_off[K];
     for (int k = 0; k < K; ++k) off[k] = channel_dim_ < 0 ? c * cstride_[k] : 0;
-    int64_t rem = begin;
+    int64_t rem = begin / pieces_per_run_, piece = begin % pieces_per_run_;
     for (int i = nd - 1; i >= 0; --i) {
       idx[i] = rem % size_[i];
       rem /= size_[i];
       for (int k = 0; k < K; ++k) off[k] += idx[i] * stride_[i][k];
     }
     for (int64_t n = begin; n < end; ++n) {
-      f(static_cast<const int64_t*>(off), channel_dim_ < 0 ? c : idx[channel_dim_]);
+      for (int k = 0; k < K; ++k) piece_off[k] = off[k] + piece * piece_ * step_[k];
+      const bool last = piece == pieces_per_run_ - 1;
+      f(static_cast<const int64_t*>(piece_off), channel_dim_ < 0 ? c : idx[channel_dim_], last ? last_piece_ : piece_);
+      if (!last) {
+        ++piece;
+        continue;
+      }
+      piece = 0;
       for (int i = nd - 1; i >= 0; --i) {
         for (int k = 0; k < K; ++k) off[k] += stride_[i][k];
         if (++idx[i] < size_[i]) break;
@@ -155,8 +172,9 @@ class Walker {
   int channel_dim_ = -1;  // kOrdered: the channel dim's place in size_ (when over 1 channel)
   std::array<int64_t, K> step_{};
   bool contiguous_ = true;
-  int64_t runs_ = 1;  // per channel
-  int64_t chunk_runs_ = 1;
+  int64_t piece_ = 1, pieces_per_run_ = 1, last_piece_ = 1;  // values of a piece, of a run's last piece
+  int64_t pieces_ = 1;  // per channel
+  int64_t chunk_pieces_ = 1;
   std::vector<int64_t> size_;
   std::vector<std::array<int64_t, K>> stride_;  // [dim][operand]
   int64_t cstride_[K];
@@ -168,15 +186,9 @@ bool vector_runs(const Walker<K>& w) {
   return w.contiguous() && w.run() >= VecIO<scalar_t>::kWidth;
 }
 
-// A run of n values as a one-channel tile of one_channel_sums, in segments of at most kMaxChannelRun values.
-template <typename F>
-void run_segments(int64_t n, F&& f) {
-  for (int64_t s0 = 0; s0 < n; s0 += kMaxChannelRun) f(RunTile{0, 1, std::min(kMaxChannelRun, n - s0), s0, 0, 1, 0});
-}
-
 // Rows per work item of a rows-walk reduction over `rows` rows of C channels.
 inline int64_t reduce_item_rows(int64_t rows, int64_t C) {
-  return std::min(kMaxItemRows, std::max({int64_t(1), kChunk / C, div_up(rows, kRowItems)}));
+  return std::min(kMaxRuns, std::max({int64_t(1), kChunk / C, div_up(rows, kRowItems)}));
 }
 
 // f(i, count) for each vector of a row of C values, in order: count values at i, fewer in the last one.
@@ -206,7 +218,7 @@ void rows_stats(const StatsArgs<scalar_t>& a) {
   w.for_items(1, [&](int64_t, int64_t begin, int64_t end, int64_t item) {
     std::vector<acc_t> k(C), s(C, acc_t(0)), s2(C, acc_t(0));
     bool first = true;
-    w.walk(0, begin, end, [&](const int64_t* off, int64_t) {
+    w.walk(0, begin, end, [&](const int64_t* off, int64_t, int64_t) {
       const scalar_t* row = x + off[0];
       if (first) {
         for (int64_t c = 0; c < C; ++c) k[c] = acc_t(row[c]);
@@ -242,7 +254,7 @@ void strided_stats(const StatsArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
   const Walker<1> w({a.x});
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
-  const int64_t C = a.x->size(1), len = w.run(), chunks = w.chunks();
+  const int64_t C = a.x->size(1), chunks = w.chunks();
   const bool vec = vector_runs<scalar_t>(w);
   const auto& st = w.step();
   std::vector<double> part_mean(chunks * C), part_m2(chunks * C);  // [chunk][C]
@@ -252,19 +264,17 @@ void strided_stats(const StatsArgs<scalar_t>& a) {
     acc_t k = 0;
     bool first = true;
     double s = 0, s2 = 0;
-    w.walk(c, begin, end, [&](const int64_t* off, int64_t) {
+    w.walk(c, begin, end, [&](const int64_t* off, int64_t, int64_t len) {
       const scalar_t* run = x + off[0];
       if (first) {
         k = acc_t(run[0]);
         first = false;
       }
       if (vec) {
-        run_segments(len, [&](const RunTile& t) {
-          double a_s, a_s2;
-          one_channel_shifted_sums(run, t, k, a_s, a_s2);
-          s += a_s;
-          s2 += a_s2;
-        });
+        double a_s, a_s2;
+        one_channel_shifted_sums(run, RunTile{0, 1, len, 0, 0, 1, 0}, k, a_s, a_s2);
+        s += a_s;
+        s2 += a_s2;
       } else {
         for (int64_t i = 0; i < len; ++i) {
           const double d = double(acc_t(run[i * st[0]]) - k);
@@ -293,7 +303,7 @@ void rows_normalize(const NormalizeArgs<scalar_t>& a, const std::array<const at:
   const int64_t C = a.x->size(1);
   const RowCoef<acc_t> mean(a.mean), scale(a.scale), shift(a.shift);
   w.for_items(1, [&](int64_t, int64_t begin, int64_t end, int64_t) {
-    w.walk(0, begin, end, [&](const int64_t* off, int64_t) {
+    w.walk(0, begin, end, [&](const int64_t* off, int64_t, int64_t) {
       normalize_run<scalar_t, kResidual, kRelu>(x + off[0], kResidual ? res + off[2] : nullptr, y + off[1], C, mean,
                                                 scale, shift, false, 0);
     });
@@ -309,11 +319,10 @@ void strided_normalize_impl(const NormalizeArgs<scalar_t>& a) {
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
   scalar_t* y = a.y->template data_ptr<scalar_t>();
   const scalar_t* res = kResidual ? a.residual->template data_ptr<scalar_t>() : nullptr;
-  const int64_t len = w.run();
   const bool vec = vector_runs<scalar_t>(w);
   const auto& st = w.step();
   w.for_items(1, [&](int64_t, int64_t begin, int64_t end, int64_t) {
-    w.walk(0, begin, end, [&](const int64_t* off, int64_t c) {
+    w.walk(0, begin, end, [&](const int64_t* off, int64_t c, int64_t len) {
       const acc_t mean = a.mean[c], scale = a.scale[c], shift = a.shift[c];
       if (vec) {
         normalize_run<scalar_t, kResidual, kRelu>(x + off[0], kResidual ? res + off[2] : nullptr, y + off[1], len,
@@ -358,7 +367,7 @@ void rows_backward_reduce(const ReduceArgs<scalar_t>& a, const std::array<const 
   const Vec zero(acc_t(0));
   w.for_items(1, [&](int64_t, int64_t begin, int64_t end, int64_t item) {
     std::vector<acc_t> sum_g(C, acc_t(0)), sum_gx(C, acc_t(0));
-    w.walk(0, begin, end, [&](const int64_t* off, int64_t) {
+    w.walk(0, begin, end, [&](const int64_t* off, int64_t, int64_t) {
       row_vectors<scalar_t>(C, [&](int64_t i, int64_t count) {
         Vec d[P], v[P], yv[P];
         IO::load(dy + off[1] + i, d, count);
@@ -393,23 +402,21 @@ void strided_backward_reduce_impl(const ReduceArgs<scalar_t>& a) {
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
   const scalar_t* dy = a.dy->template data_ptr<scalar_t>();
   const scalar_t* y = kOutputMask ? a.output->template data_ptr<scalar_t>() : nullptr;
-  const int64_t C = a.x->size(1), len = w.run(), chunks = w.chunks();
+  const int64_t C = a.x->size(1), chunks = w.chunks();
   const bool vec = vector_runs<scalar_t>(w);
   const auto& st = w.step();
   std::vector<double> part_g(chunks * C), part_gx(chunks * C);  // [chunk][C]
   w.for_items(C, [&](int64_t c, int64_t begin, int64_t end, int64_t item) {
     const acc_t mean = a.mean[c], scale = a.scale[c], shift = a.shift[c];
     double sg = 0, sgx = 0;
-    w.walk(c, begin, end, [&](const int64_t* off, int64_t) {
+    w.walk(c, begin, end, [&](const int64_t* off, int64_t, int64_t len) {
       if (vec) {
-        run_segments(len, [&](const RunTile& t) {
-          double tg, tgx;
-          one_channel_grad_sums<scalar_t, kOutputMask, kRelu>(dy + off[1], x + off[0],
-                                                               kOutputMask ? y + off[2] : nullptr, t, mean, scale,
-                                                               shift, [](int64_t) {}, tg, tgx);
-          sg += tg;
-          sgx += tgx;
-        });
+        double tg, tgx;
+        one_channel_grad_sums<scalar_t, kOutputMask, kRelu>(dy + off[1], x + off[0], kOutputMask ? y + off[2] : nullptr,
+                                                             RunTile{0, 1, len, 0, 0, 1, 0}, mean, scale, shift,
+                                                             [](int64_t) {}, tg, tgx);
+        sg += tg;
+        sgx += tgx;
         return;
       }
       for (int64_t i = 0; i < len; ++i) {
@@ -449,7 +456,7 @@ void rows_backward_elementwise(const ElementwiseArgs<scalar_t>& a, const std::ar
   const RowCoef<acc_t> mean(a.mean), scale(a.scale), shift(a.shift), k(a.k);
   const RowCoef<acc_t> p(kTrain ? a.p : a.k), q(kTrain ? a.q : a.k);  // p, q unused when !kTrain
   w.for_items(1, [&](int64_t, int64_t begin, int64_t end, int64_t) {
-    w.walk(0, begin, end, [&](const int64_t* off, int64_t) {
+    w.walk(0, begin, end, [&](const int64_t* off, int64_t, int64_t) {
       backward_run<scalar_t, kOutputMask, kRelu, kTrain>(dy + off[1], x + off[0], kOutputMask ? y + off[2] : nullptr,
                                                          dx ? dx + off[3] : nullptr, gout ? gout + off[4] : nullptr,
                                                          C, mean, scale, shift, k, p, q, false);
@@ -470,11 +477,10 @@ void strided_backward_elementwise_impl(const ElementwiseArgs<scalar_t>& a) {
   const scalar_t* y = kOutputMask ? a.output->template data_ptr<scalar_t>() : nullptr;
   scalar_t* dx = a.dx ? a.dx->template data_ptr<scalar_t>() : nullptr;
   scalar_t* gout = a.g_out ? a.g_out->template data_ptr<scalar_t>() : nullptr;
-  const int64_t len = w.run();
   const bool vec = vector_runs<scalar_t>(w);
   const auto& st = w.step();
   w.for_items(1, [&](int64_t, int64_t begin, int64_t end, int64_t) {
-    w.walk(0, begin, end, [&](const int64_t* off, int64_t c) {
+    w.walk(0, begin, end, [&](const int64_t* off, int64_t c, int64_t len) {
       const acc_t mean = a.mean[c], scale = a.scale[c], shift = a.shift[c], k = a.k[c];
       const acc_t p = kTrain ? a.p[c] : acc_t(0), q = kTrain ? a.q[c] : acc_t(0);
       if (vec) {
