@@ -605,6 +605,13 @@ void one_channel_shifted_sums(const scalar_t* x, const RunTile& t, at::opmath_ty
       [&](int64_t o) { __builtin_prefetch(x + o); }, s, s2);
 }
 
+// (mean, m2) from the shifted sums s = Σ(x - k) and s2 = Σ(x - k)² over n values, inv_n = 1 / n.
+inline void shifted_moments(double k, double s, double s2, double inv_n, double& mean, double& m2) {
+  mean = k + s * inv_n;
+  const double d2 = s2 - s * (s * inv_n);
+  m2 = d2 < 0 ? 0 : d2;  // rounding only; NaN stays NaN
+}
+
 // (mean, m2) of one tile per channel, in double: out_mean[j], out_m2[j] for channel t.c0 + j.
 template <typename scalar_t>
 void stats_tile(const scalar_t* x, int64_t numel, const RunTile& t, StatsBuffers<at::opmath_type<scalar_t>>& buf,
@@ -617,9 +624,7 @@ void stats_tile(const scalar_t* x, int64_t numel, const RunTile& t, StatsBuffers
   const int64_t L = t.L();
   const double inv_n = 1.0 / double(t.runs * t.len * t.reps);
   const auto fold = [&](int64_t j, double k, double s, double s2) {
-    out_mean[j] = k + s * inv_n;
-    const double m2 = s2 - s * (s * inv_n);
-    out_m2[j] = m2 < 0 ? 0 : m2;  // rounding only; NaN stays NaN
+    shifted_moments(k, s, s2, inv_n, out_mean[j], out_m2[j]);
   };
   if (t.c1 - t.c0 == 1 && t.len > 1) {
     const acc_t k = acc_t(x[t.base]);
@@ -1514,7 +1519,8 @@ void backward_fused(const FusedBackwardArgs<scalar_t>& a) {
 
 }  // namespace
 
-FASTBN_DEFINE_CPU_KERNELS(make_kernels, {&stats<scalar_t>, &normalize<scalar_t>, &forward_fused<scalar_t>,
+FASTBN_DEFINE_CPU_KERNELS(make_kernels,
+                          {&stats<scalar_t>, &normalize<scalar_t>, &forward_fused<scalar_t>,
                            &backward_reduce<scalar_t>, &backward_elementwise<scalar_t>, &backward_fused<scalar_t>})
 
 }  // namespace FASTBN_CPU_CAP

@@ -34,25 +34,6 @@ inline T relu_scalar(T v) {
   return v < T(0) ? T(0) : v;
 }
 
-// Chan, Golub & LeVeque's parallel variance combination: folds a partial (n_b, mean_b, m2_b) into (n, mean, m2),
-// m2 being the sum of squared deviations from the mean.
-template <typename acc_t>
-inline void chan_merge(int64_t& n, acc_t& mean, acc_t& m2, int64_t n_b, acc_t mean_b, acc_t m2_b) {
-  if (n_b == 0) return;
-  if (n == 0) {
-    n = n_b;
-    mean = mean_b;
-    m2 = m2_b;
-    return;
-  }
-  const int64_t n_ab = n + n_b;
-  const acc_t frac_b = acc_t(n_b) / acc_t(n_ab);
-  const acc_t delta = mean_b - mean;
-  mean = mean + delta * frac_b;
-  m2 = m2 + m2_b + delta * delta * (acc_t(n) * frac_b);
-  n = n_ab;
-}
-
 // Training-mode dx = k·g + p·(x - mean) + q, with k = invstd·weight: p = -k·invstd²·Σg(x - mean)/m and
 // q = -k·Σg/m over the channel's m values.
 template <typename acc_t>

@@ -96,7 +96,6 @@ class Walker {
       size_.pop_back();
       stride_.pop_back();
     }
-    contiguous_ = std::all_of(step_.begin(), step_.end(), [](int64_t s) { return s == 1; });
     piece_ = std::min(run_, kChunk);
     pieces_per_run_ = div_up(run_, piece_);
     last_piece_ = run_ - (pieces_per_run_ - 1) * piece_;
@@ -109,7 +108,9 @@ class Walker {
 
   int64_t run() const { return run_; }          // values per run
   const std::array<int64_t, K>& step() const { return step_; }  // per operand: elements between a run's values
-  bool contiguous() const { return contiguous_; }  // runs are contiguous in every operand
+  bool contiguous() const {  // runs are contiguous in every operand
+    return std::all_of(step_.begin(), step_.end(), [](int64_t s) { return s == 1; });
+  }
   int64_t chunks() const { return div_up(pieces_, chunk_pieces_); }  // work items per channel
 
   // Runs f(c, begin, end, item) over the (channel, chunk of pieces) items in parallel; item = c·chunks() + chunk.
@@ -171,9 +172,8 @@ class Walker {
   int64_t row_ = 1;  // values per position: C for kRows
   int channel_dim_ = -1;  // kOrdered: the channel dim's place in size_ (when over 1 channel)
   std::array<int64_t, K> step_{};
-  bool contiguous_ = true;
   int64_t piece_ = 1, pieces_per_run_ = 1, last_piece_ = 1;  // values of a piece, of a run's last piece
-  int64_t pieces_ = 1;  // per channel
+  int64_t pieces_ = 1;  // per channel (kRuns), in all (kOrdered, kRows)
   int64_t chunk_pieces_ = 1;
   std::vector<int64_t> size_;
   std::vector<std::array<int64_t, K>> stride_;  // [dim][operand]
@@ -251,12 +251,10 @@ void rows_stats(const StatsArgs<scalar_t>& a) {
         }
       });
     });
-    const int64_t n = end - begin;
-    const double inv_n = 1.0 / double(n);
+    const double inv_n = 1.0 / double(end - begin);
     for (int64_t c = 0; c < C; ++c) {
-      const double sc = s[c], m2 = double(s2[c]) - sc * (sc * inv_n);
-      part_mean[item * C + c] = double(k[c]) + sc * inv_n;
-      part_m2[item * C + c] = m2 < 0 ? 0 : m2;  // rounding only; NaN stays NaN
+      shifted_moments(double(k[c]), double(s[c]), double(s2[c]), inv_n, part_mean[item * C + c],
+                      part_m2[item * C + c]);
     }
   });
   merge_partials(items, C, [&](int64_t i) { return w.chunk_values(i); }, part_mean.data(), part_m2.data(), a.mean,
@@ -298,11 +296,7 @@ void strided_stats(const StatsArgs<scalar_t>& a) {
         }, s, s2);
       }
     });
-    const int64_t n = w.values(begin, end);
-    const double inv_n = 1.0 / double(n);
-    const double m2 = s2 - s * (s * inv_n);
-    part_mean[slot] = double(k) + s * inv_n;
-    part_m2[slot] = m2 < 0 ? 0 : m2;  // rounding only; NaN stays NaN
+    shifted_moments(double(k), s, s2, 1.0 / double(w.values(begin, end)), part_mean[slot], part_m2[slot]);
   });
   merge_partials(chunks, C, [&](int64_t k) { return w.chunk_values(k); }, part_mean.data(), part_m2.data(), a.mean,
                  a.m2);
