@@ -638,7 +638,7 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", type=comma_list(DTYPES), help="default CPU: float32; GPU: float32,float16,bfloat16")
     p.add_argument("--formats", type=comma_list(FORMATS), default=list(DEFAULT_FORMATS),
                    help="comma list of NCHW, channels_last, channel_slice (NCHW input that is channels [0, C) of "
-                        "2C, as x.chunk(2, dim=1) gives: fastbn's strided path; dy and residual contiguous) "
+                        "2C, as x.chunk(2, dim=1) gives: a view fastbn reads in place; dy and residual contiguous) "
                         "(default: NCHW,channels_last)")
     p.add_argument("--shapes", type=comma_list(), default=["resnet50", "bn1d", "smallc"],
                    help="comma list of resnet50 (its 12 BN shapes), bn1d (%s), smallc (%s) or NxCxHxW "

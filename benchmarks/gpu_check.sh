@@ -4,12 +4,13 @@
 #
 #   bash benchmarks/gpu_check.sh [-s STEPS] [-o DIR] [-a ARCHIVE]
 #
-#   -s STEPS    comma list of build, tests, bench_ops, bench_compile, bench_model (default: all, in this
-#               order). Where one command may only run so long, take the steps in separate calls: a step
-#               after build reuses the build when it is still there and builds first otherwise.
+#   -s STEPS    comma list of build, tests, bench_ops, bench_slice, bench_compile, bench_model (default: all,
+#               in this order). Where one command may only run so long, take the steps in separate calls: a
+#               step after build reuses the build when it is still there and builds first otherwise.
 #   -o DIR      where the outputs go: env.txt; build.log and ptxas.log; pytest.log and junit.xml;
-#               bench_ops/ (every case, no torch.compile), bench_compile/ (the compiled Nx256x56x56 subset)
-#               and bench_model/, each with its log, JSON, chart and markdown table.
+#               bench_ops/ (every case, no torch.compile), bench_slice/ (channel-slice inputs, float32),
+#               bench_compile/ (the compiled Nx256x56x56 subset) and bench_model/, each with its log, JSON,
+#               chart and markdown table.
 #   -a ARCHIVE  also pack DIR into this .tar.gz after the steps (one file to copy off the machine).
 #
 # Steps keep going when one fails; the exit status is the first failure's.
@@ -17,14 +18,14 @@ set -uo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
 py="${PYTHON:-python}"
-steps="build,tests,bench_ops,bench_compile,bench_model"
+steps="build,tests,bench_ops,bench_slice,bench_compile,bench_model"
 out="" archive=""
 while getopts "s:o:a:" opt; do
   case "$opt" in
     s) steps="$OPTARG" ;;
     o) out="$OPTARG" ;;
     a) archive="$OPTARG" ;;
-    *) sed -n '2,15p' "$0"; exit 2 ;;
+    *) sed -n '2,16p' "$0"; exit 2 ;;
   esac
 done
 gpu="$("$py" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no-gpu")' 2>/dev/null || echo unknown)"
@@ -75,6 +76,7 @@ bench() {  # bench NAME SCRIPT ARGS...: the script's JSON, chart and markdown ta
     --markdown "$out/$name/$name.md" "$@"
 }
 wants bench_ops && bench bench_ops bench_ops.py --compile none
+wants bench_slice && bench bench_slice bench_ops.py --formats channel_slice --dtypes float32 --compile none
 wants bench_compile && bench bench_compile bench_ops.py --shapes 64x256x56x56,256x256x56x56 --compile all
 wants bench_model && bench bench_model bench_model.py --compile
 if [[ -n "$archive" ]]; then

@@ -125,10 +125,11 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (int v = 0; v < W; ++v) lanes[v] = Sums2Op<acc_t>::identity();
     const index_t step = static_cast<index_t>(splits) * blockDim.x;
     for (index_t u = static_cast<index_t>(split) * blockDim.x + threadIdx.x; u < g.units; u += step) {
-      const index_t off = g.template offset<W>(c, u);
+      const Pos<index_t> pos = g.template pos<W>(c, u);
+      const index_t off = g.offset(pos);
       acc_t gv[W], xmu[W];
-      masked_grad<W>(load_pack<W>(dy + off), load_pack<W>(x + off), y != nullptr ? y + off : nullptr, k, relu, gv,
-                     xmu);
+      masked_grad<W>(load_pack<W>(dy + off), load_pack<W>(x + g.x_offset(pos)), y != nullptr ? y + off : nullptr, k,
+                     relu, gv, xmu);
       add_grads(lanes, gv, xmu);
       if constexpr (kEvalGrads)
         store_grads<W>(dx != nullptr ? dx + off : nullptr, dr != nullptr ? dr + off : nullptr, gv, xmu, b, false);
@@ -163,10 +164,11 @@ __global__ void __launch_bounds__(kMaxThreads)
       for (int v = 0; v < W; ++v) b[v] = params.get(c0 + v, acc_t(0), acc_t(0));
       const index_t step = static_cast<index_t>(splits) * blockDim.y;
       for (index_t r = static_cast<index_t>(split) * blockDim.y + threadIdx.y; r < g.R; r += step) {
-        const index_t off = r * g.C + c0;
+        const Pos<index_t> pos = g.pos(r, c0);
+        const index_t off = g.offset(pos);
         acc_t gv[W], xmu[W];
-        masked_grad<W>(load_pack<W>(dy + off), load_pack<W>(x + off), y != nullptr ? y + off : nullptr, k, relu,
-                       gv, xmu);
+        masked_grad<W>(load_pack<W>(dy + off), load_pack<W>(x + g.x_offset(pos)), y != nullptr ? y + off : nullptr, k,
+                       relu, gv, xmu);
         add_grads(lanes, gv, xmu);
         if constexpr (kEvalGrads)
           store_grads<W>(dx != nullptr ? dx + off : nullptr, dr != nullptr ? dr + off : nullptr, gv, xmu, b, false);
@@ -202,9 +204,10 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
     const index_t step = static_cast<index_t>(splits) * blockDim.x;
     for (index_t u = static_cast<index_t>(split) * blockDim.x + threadIdx.x; u < g.units; u += step) {
-      const index_t off = g.template offset<W>(c, u);
+      const Pos<index_t> pos = g.template pos<W>(c, u);
+      const index_t off = g.offset(pos);
       Pack<scalar_t, W> xv{};
-      if (need_x) xv = load_pack<W>(x + off);
+      if (need_x) xv = load_pack<W>(x + g.x_offset(pos));
       acc_t gv[W], xmu[W];
       masked_grad<W>(load_pack<W>(dy + off), xv, y != nullptr ? y + off : nullptr, k, relu, gv, xmu);
       store_grads<W>(dx != nullptr ? dx + off : nullptr, dr != nullptr ? dr + off : nullptr, gv, xmu, b, training);
@@ -234,9 +237,10 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
     const index_t step = static_cast<index_t>(splits) * blockDim.y;
     for (index_t r = static_cast<index_t>(split) * blockDim.y + threadIdx.y; r < g.R; r += step) {
-      const index_t off = r * g.C + c0;
+      const Pos<index_t> pos = g.pos(r, c0);
+      const index_t off = g.offset(pos);
       Pack<scalar_t, W> xv{};
-      if (need_x) xv = load_pack<W>(x + off);
+      if (need_x) xv = load_pack<W>(x + g.x_offset(pos));
       acc_t gv[W], xmu[W];
       masked_grad<W>(load_pack<W>(dy + off), xv, y != nullptr ? y + off : nullptr, k, relu, gv, xmu);
       store_grads<W>(dx != nullptr ? dx + off : nullptr, dr != nullptr ? dr + off : nullptr, gv, xmu, b, training);
@@ -269,10 +273,11 @@ __global__ void __launch_bounds__(kMaxThreads)
       for (int v = 1; v < W; ++v) k[v] = k[0];
       Sums2<acc_t> sum{acc_t(0), acc_t(0)};
       for_each_slot<kSlots>(g.units, r, per_round, [&](int s, index_t u) {
-        const index_t off = g.template offset<W>(c, u);
+        const Pos<index_t> pos = g.template pos<W>(c, u);
+        const index_t off = g.offset(pos);
         acc_t gv[W], xmu[W];
-        keep_masked_grad<W>(dy + off, x + off, y != nullptr ? y + off : nullptr, dr != nullptr ? dr + off : nullptr,
-                            k, relu, xbuf[s], gbuf[s], gv, xmu);
+        keep_masked_grad<W>(dy + off, x + g.x_offset(pos), y != nullptr ? y + off : nullptr,
+                            dr != nullptr ? dr + off : nullptr, k, relu, xbuf[s], gbuf[s], gv, xmu);
 #pragma unroll
         for (int v = 0; v < W; ++v) {
           sum.g += gv[v];
@@ -300,8 +305,9 @@ __global__ void __launch_bounds__(kMaxThreads)
       b[0] = params.get(c, mdy, mdyx);
 #pragma unroll
       for (int v = 1; v < W; ++v) b[v] = b[0];
-      for_each_slot<kSlots>(g.units, r, per_round,
-                            [&](int s, index_t u) { store_kept_dx<W>(dx + g.template offset<W>(c, u), xbuf[s], gbuf[s], b); });
+      for_each_slot<kSlots>(g.units, r, per_round, [&](int s, index_t u) {
+        store_kept_dx<W>(dx + g.offset(g.template pos<W>(c, u)), xbuf[s], gbuf[s], b);
+      });
     });
   });
 }
@@ -328,10 +334,11 @@ __global__ void __launch_bounds__(kMaxThreads)
     rows_reduce_init(params, c0, active, lanes, k);
     if (active) {
       for_each_row_slot<kSlots>(g.R, [&](int s, index_t r) {
-        const index_t off = r * g.C + c0;
+        const Pos<index_t> pos = g.pos(r, c0);
+        const index_t off = g.offset(pos);
         acc_t gv[W], xmu[W];
-        keep_masked_grad<W>(dy + off, x + off, y != nullptr ? y + off : nullptr, dr != nullptr ? dr + off : nullptr,
-                            k, relu, xbuf[s], gbuf[s], gv, xmu);
+        keep_masked_grad<W>(dy + off, x + g.x_offset(pos), y != nullptr ? y + off : nullptr,
+                            dr != nullptr ? dr + off : nullptr, k, relu, xbuf[s], gbuf[s], gv, xmu);
         add_grads(lanes, gv, xmu);
       });
     }
@@ -357,8 +364,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     BwdCoef<acc_t> b[W];
 #pragma unroll
     for (int v = 0; v < W; ++v) b[v] = coefs[threadIdx.x * W + v];
-    for_each_row_slot<kSlots>(g.R,
-                              [&](int s, index_t r) { store_kept_dx<W>(dx + r * g.C + c0, xbuf[s], gbuf[s], b); });
+    for_each_row_slot<kSlots>(
+        g.R, [&](int s, index_t r) { store_kept_dx<W>(dx + g.offset(g.pos(r, c0)), xbuf[s], gbuf[s], b); });
   });
 }
 

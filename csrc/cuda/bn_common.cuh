@@ -4,13 +4,17 @@
 // update). The reductions they use (block, 2-D block, split / last-block-done merges) are device_utils.cuh's.
 //
 // Layouts (chosen on the host, ops.cu):
-//   planes  NCHW-contiguous (N, C, S): channel c of sample n is the contiguous run [(n*C + c)*S, +S).
-//           A block works on one channel; its "units" are W consecutive elements of a plane (W = one 16-byte
-//           pack when S % W == 0 and every pointer is 16-byte aligned, else W = 1), numbered per channel.
-//   rows    channels innermost, rows dense (channels_last, 2-D (N, C)): element (r, c) at r*C + c. A block is
-//           blockDim.x column groups of W channels (one 16-byte pack when C % W == 0 and aligned, else 1) by
-//           blockDim.y rows; a thread keeps its channels for the whole kernel, so per-channel coefficients
-//           are loaded once.
+//   planes  NCHW, each sample contiguous (N, C, S): channel c of sample n is the contiguous run
+//           [n*outer + c*S, +S), outer = C*S. A block works on one channel; its "units" are W consecutive
+//           elements of a plane (W = one 16-byte pack when S % W == 0, every pointer is 16-byte aligned and
+//           x_outer below is a multiple of W, else W = 1), numbered per channel.
+//   rows    channels innermost and contiguous (channels_last, 2-D (N, C)): element (r, c) at r*outer + c,
+//           outer = C. A block is blockDim.x column groups of W channels (one 16-byte pack when C % W == 0 and
+//           aligned, else 1) by blockDim.y rows; a thread keeps its channels for the whole kernel, so
+//           per-channel coefficients are loaded once.
+//   The input x alone may have an outer stride of its own (x_outer): a view such as a channel slice
+//   (x.chunk(2, 1)), every other sample, columns of an (N, C) matrix, or an expanded batch (0). Every other
+//   tensor is dense in the layout.
 //
 // Statistics are accumulated per thread as sums shifted by the channel's first value (cheap, and exact
 // enough: deviations from a sample of the channel stay of the order of the spread), turned into a Welford
@@ -127,26 +131,42 @@ struct Divider<int32_t> {
 // ---------------------------------------------------------------------------------------------------
 // Geometry of the two layouts (see the top of the file). `vec` is the unit width W as a runtime value;
 // kernels branch on it once, block-uniformly, into code compiled for W = pack width and for W = 1.
+
+// Where a unit lies: its outer index (sample n, planes; row r, rows) and its offset inside that sample or row.
 template <typename index_t>
-struct PlanesGeom {
+struct Pos {
+  index_t outer, inner;
+};
+
+// The outer strides of both layouts: of x, and of every other tensor.
+template <typename index_t>
+struct OuterStrides {
+  index_t outer;    // dense: C * S (planes), C (rows)
+  index_t x_outer;  // outer, or x's own for a view
+  __device__ __forceinline__ index_t offset(Pos<index_t> p) const { return p.outer * outer + p.inner; }
+  __device__ __forceinline__ index_t x_offset(Pos<index_t> p) const { return p.outer * x_outer + p.inner; }
+};
+
+template <typename index_t>
+struct PlanesGeom : OuterStrides<index_t> {
   index_t S;       // elements per plane
-  index_t CS;      // C * S
   index_t units;   // units per channel: N * S / W
   index_t su;      // units per plane: S / W
   Divider<index_t> by_su;
   int vec;         // W
   template <int W>
-  __device__ __forceinline__ index_t offset(index_t c, index_t u) const {
+  __device__ __forceinline__ Pos<index_t> pos(index_t c, index_t u) const {
     const index_t n = by_su.div(u);
-    return n * CS + c * S + (u - n * su) * W;
+    return Pos<index_t>{n, c * S + (u - n * su) * W};
   }
 };
 
 template <typename index_t>
-struct RowsGeom {
+struct RowsGeom : OuterStrides<index_t> {
   index_t R;  // rows
   index_t C;  // channels (row length)
   int vec;    // W
+  __device__ __forceinline__ Pos<index_t> pos(index_t r, index_t c0) const { return Pos<index_t>{r, c0}; }
 };
 
 // Persistent planes kernels: block b of a grid (gc, splits) handles channels b, b + gc, ... (`rounds` of

@@ -7,15 +7,14 @@ namespace cuda {
 namespace {
 
 template <int W, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void normalize_units(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
-                                                scalar_t* __restrict__ y, const Pack<scalar_t, W>& xv,
-                                                const Coef<acc_t>* k, bool relu) {
+__device__ __forceinline__ void normalize_units(const scalar_t* __restrict__ res, scalar_t* __restrict__ y,
+                                                const Pack<scalar_t, W>& xv, const Coef<acc_t>* k, bool relu) {
   Pack<scalar_t, W> rv, out;
   if (res != nullptr) rv = load_pack<W>(res);
 #pragma unroll
   for (int v = 0; v < W; ++v) {
-    acc_t o = pre_activation(static_cast<acc_t>(xv.val[v]), k[v], res != nullptr ? static_cast<acc_t>(rv.val[v]) : acc_t(0),
-                             res != nullptr);
+    acc_t o = pre_activation(static_cast<acc_t>(xv.val[v]), k[v],
+                             res != nullptr ? static_cast<acc_t>(rv.val[v]) : acc_t(0), res != nullptr);
     if (relu) o = relu_forward(o);
     out.val[v] = static_cast<scalar_t>(o);
   }
@@ -42,8 +41,9 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (int v = 1; v < W; ++v) k[v] = k[0];
     const index_t step = static_cast<index_t>(splits) * blockDim.x;
     for (index_t u = static_cast<index_t>(split) * blockDim.x + threadIdx.x; u < g.units; u += step) {
-      const index_t off = g.template offset<W>(c, u);
-      normalize_units<W>(x + off, res != nullptr ? res + off : nullptr, y + off, load_pack<W>(x + off), k, relu);
+      const Pos<index_t> pos = g.template pos<W>(c, u);
+      const index_t off = g.offset(pos);
+      normalize_units<W>(res != nullptr ? res + off : nullptr, y + off, load_pack<W>(x + g.x_offset(pos)), k, relu);
     }
   });
 }
@@ -67,8 +67,9 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (int v = 0; v < W; ++v) k[v] = params.get(c0 + v);
     const index_t step = static_cast<index_t>(splits) * blockDim.y;
     for (index_t r = static_cast<index_t>(split) * blockDim.y + threadIdx.y; r < g.R; r += step) {
-      const index_t off = r * g.C + c0;
-      normalize_units<W>(x + off, res != nullptr ? res + off : nullptr, y + off, load_pack<W>(x + off), k, relu);
+      const Pos<index_t> pos = g.pos(r, c0);
+      const index_t off = g.offset(pos);
+      normalize_units<W>(res != nullptr ? res + off : nullptr, y + off, load_pack<W>(x + g.x_offset(pos)), k, relu);
     }
   });
 }
@@ -98,7 +99,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       init_shifted<W>(static_cast<acc_t>(x[c * g.S]), shift, a1, a2);
       index_t count = 0;
       for_each_slot<kSlots>(g.units, r, per_round, [&](int s, index_t u) {
-        buf[s] = load_pack<W>(x + g.template offset<W>(c, u));
+        buf[s] = load_pack<W>(x + g.x_offset(g.template pos<W>(c, u)));
         add_shifted<W>(buf[s], shift, a1, a2);
         ++count;
       });
@@ -123,8 +124,8 @@ __global__ void __launch_bounds__(kMaxThreads)
 #pragma unroll
       for (int v = 1; v < W; ++v) k[v] = k[0];
       for_each_slot<kSlots>(g.units, r, per_round, [&](int s, index_t u) {
-        const index_t off = g.template offset<W>(c, u);
-        normalize_units<W>(x + off, res != nullptr ? res + off : nullptr, y + off, buf[s], k, relu);
+        const index_t off = g.offset(g.template pos<W>(c, u));
+        normalize_units<W>(res != nullptr ? res + off : nullptr, y + off, buf[s], k, relu);
       });
     });
   });
@@ -160,7 +161,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 #pragma unroll
       for (int v = 0; v < W; ++v) shift[v] = static_cast<acc_t>(first.val[v]);
       for_each_row_slot<kSlots>(g.R, [&](int s, index_t r) {
-        buf[s] = load_pack<W>(x + r * g.C + c0);
+        buf[s] = load_pack<W>(x + g.x_offset(g.pos(r, c0)));
         add_shifted<W>(buf[s], shift, a1, a2);
         ++count;
       });
@@ -187,8 +188,8 @@ __global__ void __launch_bounds__(kMaxThreads)
 #pragma unroll
     for (int v = 0; v < W; ++v) k[v] = coefs[threadIdx.x * W + v];
     for_each_row_slot<kSlots>(g.R, [&](int s, index_t r) {
-      const index_t off = r * g.C + c0;
-      normalize_units<W>(x + off, res != nullptr ? res + off : nullptr, y + off, buf[s], k, relu);
+      const index_t off = g.offset(g.pos(r, c0));
+      normalize_units<W>(res != nullptr ? res + off : nullptr, y + off, buf[s], k, relu);
     });
   });
   if (num_batches_tracked != nullptr && blockIdx.x == 0 && split == 0 && threadIdx.x == 0 && threadIdx.y == 0)

@@ -1,11 +1,14 @@
 // The seven fastbn ops on CUDA (declared by FASTBN_DECLARE_OPS in ops.h; argument checks already done by the
 // wrappers of FASTBN_REGISTER_OPS). Each op picks its layout from the strides and its path from the size:
 //
-//  - layout: planes when the input is NCHW-contiguous with more than one value per plane; rows when the
-//    channels are innermost and the rows dense (channels_last 2d/3d, (N, C), (N, C, 1, 1)); anything else
-//    (general strided views) runs on a contiguous copy of the input and its outputs are copied back into
-//    tensors of the input's memory format. grad_output / residual / output in another layout than the input are
-//    copied into the input's layout first. Those copies are the only ones, and only for those cases.
+//  - layout: planes when each sample of the input is an NCHW-contiguous block and planes hold more than one
+//    value; rows when the channels are contiguous and the other dims make one uniform row stride (channels_last
+//    2d/3d, (N, C), (N, C, 1, 1)). The input's samples or rows may lie further apart than a dense tensor's: its
+//    channel slices (x.chunk(2, dim=1)), every other sample, columns of an (N, C) matrix run in place (x_outer).
+//    Any other input (crops, transposed or permuted spatial dims, steps inside a plane) runs on a contiguous copy,
+//    its outputs copied into tensors of at::empty_like(input)'s strides where those differ. grad_output /
+//    residual / output that are not dense in the input's layout are copied into it first. Those copies are the
+//    only ones, and only for those cases.
 //  - path (forward-train, training backward with grad_input): the persistent single-read kernels when the
 //    tensor fits in the registers of the blocks that can be resident at once (max_cooperative_blocks), else
 //    two passes. FASTBN_CUDA_PATH=persistent|two_pass|auto overrides it (tests, benchmarks); "persistent"
@@ -55,16 +58,43 @@ const OptTensor& none() {
 }
 
 
-std::vector<int64_t> channels_last_order(int64_t dim) {
-  std::vector<int64_t> order{0};
-  for (int64_t d = 2; d < dim; ++d) order.push_back(d);
-  order.push_back(1);
-  return order;
+// The outer stride of a tensor of these sizes and strides in `layout`: planes, each sample a contiguous (C, S)
+// block, the stride between samples; rows, the channels contiguous and the other dims (0, 2, 3, ...) one run of
+// rows, the stride between rows. nullopt when the tensor is not laid out that way. Dims of size 1 have no say; a
+// single sample or row gets the dense stride.
+std::optional<int64_t> outer_stride(Layout layout, at::IntArrayRef sizes, at::IntArrayRef strides) {
+  const int64_t dim = static_cast<int64_t>(sizes.size());
+  if (layout == Layout::kPlanes) {
+    int64_t expected = 1;
+    for (int64_t d = dim - 1; d >= 1; --d) {
+      if (sizes[d] != 1 && strides[d] != expected) return std::nullopt;
+      expected *= sizes[d];
+    }
+    return sizes[0] == 1 ? expected : strides[0];
+  }
+  if (sizes[1] != 1 && strides[1] != 1) return std::nullopt;
+  std::optional<int64_t> row;
+  int64_t expected = 0;
+  for (int64_t d = dim - 1; d >= 0; --d) {  // the row dims, innermost first: ..., 3, 2, 0
+    if (d == 1 || sizes[d] == 1) continue;
+    if (!row) {
+      row = strides[d];
+    } else if (strides[d] != expected) {
+      return std::nullopt;
+    }
+    expected = strides[d] * sizes[d];
+  }
+  return row.value_or(sizes[1]);
 }
 
-bool is_rows(const Tensor& t) { return t.permute(channels_last_order(t.dim())).is_contiguous(); }
+// The strides at::empty_like(input) gives the outputs: the input's own when it is dense, else dense strides in the
+// input's dimension order, read off a meta tensor made the same way (which allocates nothing).
+std::vector<int64_t> output_strides(const Tensor& input) {
+  if (input.is_non_overlapping_and_dense()) return input.strides().vec();
+  return at::empty_like(input, input.options().device(at::kMeta)).strides().vec();
+}
 
-// The layout of `input`, or nullopt for the general strided fallback.
+// The layout of `input` (its outputs dense in it), or nullopt for the fallback on a contiguous copy.
 std::optional<Geometry> classify(const Tensor& input) {
   Geometry g;
   g.numel = input.numel();
@@ -73,28 +103,31 @@ std::optional<Geometry> classify(const Tensor& input) {
   g.S = 1;
   for (int64_t d = 2; d < input.dim(); ++d) g.S *= input.size(d);
   g.m = g.C == 0 ? 0 : g.numel / g.C;
-  // Offsets plus one grid stride must stay below 2^31 for 32-bit indexing.
-  g.idx64 = g.numel > std::numeric_limits<int32_t>::max() - (int64_t(1) << 26);
-  if (g.S > 1 && input.is_contiguous()) {
-    g.layout = Layout::kPlanes;
-    return g;
-  }
-  if (is_rows(input)) {
-    g.layout = Layout::kRows;
-    g.R = g.m;
-    return g;
-  }
-  return std::nullopt;
+  g.R = g.m;
+  const std::vector<int64_t> out_strides = output_strides(input);
+  const auto fits = [&](Layout layout) {
+    g.layout = layout;
+    const auto x_outer = outer_stride(layout, input.sizes(), input.strides());
+    if (!x_outer || outer_stride(layout, input.sizes(), out_strides) != g.dense_outer()) return false;
+    g.x_outer = *x_outer;
+    return true;
+  };
+  if (!(g.S > 1 && fits(Layout::kPlanes)) && !fits(Layout::kRows)) return std::nullopt;
+  // Offsets plus one grid stride must stay below 2^31 for 32-bit indexing; so must x's last offset.
+  const int64_t limit = std::numeric_limits<int32_t>::max() - (int64_t(1) << 26);
+  const int64_t x_last = ((g.layout == Layout::kPlanes ? g.N : g.R) - 1) * g.x_outer + g.dense_outer();
+  g.idx64 = g.numel > limit || x_last > limit;
+  return g;
 }
 
-bool same_layout(const Geometry& g, const Tensor& t) {
-  return g.layout == Layout::kPlanes ? t.is_contiguous() : is_rows(t);
+bool dense_in_layout(const Geometry& g, const Tensor& t) {
+  return outer_stride(g.layout, t.sizes(), t.strides()) == g.dense_outer();
 }
 
 // t (grad_output, residual, the forward's output) in the input's layout: itself, or a copy when it is laid out
 // differently.
 Tensor in_layout(const Geometry& g, const Tensor& input, const Tensor& t) {
-  if (same_layout(g, t)) return t;
+  if (dense_in_layout(g, t)) return t;
   Tensor copy = at::empty_like(input);
   copy.copy_(t);
   return copy;
@@ -107,7 +140,7 @@ OptTensor in_layout(const Geometry& g, const Tensor& input, const OptTensor& t) 
 template <typename scalar_t>
 void set_alignment(Geometry& g, std::initializer_list<const void*> pointers) {
   const int64_t pack = kPackSize<scalar_t>;
-  bool ok = (g.layout == Layout::kPlanes ? g.S : g.C) % pack == 0;
+  bool ok = (g.layout == Layout::kPlanes ? g.S : g.C) % pack == 0 && g.x_outer % pack == 0;
   for (const void* p : pointers) ok = ok && (p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0);
   g.aligned = ok;
 }
@@ -160,8 +193,10 @@ BwdReduceOut<P, A> bwd_reduce_out(const BwdParams<P, A>& params, int64_t m) {
   return out;
 }
 
-// A result computed on a contiguous copy, in a fresh tensor of the original input's memory format.
+// A result computed on a contiguous copy, with the strides at::empty_like(input) gives: itself when it has them
+// (an input that is not dense gets dense outputs in its dimension order), else a copy.
 Tensor like_input(const Tensor& input, const Tensor& result) {
+  if (result.strides() == at::IntArrayRef(output_strides(input))) return result;
   Tensor out = at::empty_like(input);
   out.copy_(result);
   return out;

@@ -21,15 +21,18 @@ namespace cuda {
 
 enum class Layout { kPlanes, kRows };
 
-// An input in the planes or rows layout (bn_common.cuh); general strided inputs never get here.
+// An input in the planes or rows layout (bn_common.cuh), with its outputs; other strided inputs never get here.
 struct Geometry {
   Layout layout;
   int64_t N = 0, C = 0, S = 1;  // planes: (N, C, S)
   int64_t R = 0;                // rows: R rows of C channels
   int64_t numel = 0;
   int64_t m = 0;                // values per channel
-  bool aligned = false;         // every big tensor 16-byte aligned and the row/plane length a multiple of a pack
+  int64_t x_outer = 0;          // the input's outer stride (dense_outer() unless it is a view)
+  bool aligned = false;         // every big tensor 16-byte aligned, x_outer and the row/plane length a multiple of
+                                // a pack
   bool idx64 = false;           // offsets need 64 bits
+  int64_t dense_outer() const { return layout == Layout::kPlanes ? C * S : C; }
 };
 
 // The path of the fused ops: persistent single-read kernels when the tensor fits in the registers of the
@@ -54,8 +57,9 @@ template <typename index_t, typename scalar_t>
 PlanesGeom<index_t> planes_geom(const Geometry& g) {
   const int W = unit_width<scalar_t>(g);
   PlanesGeom<index_t> p;
+  p.outer = static_cast<index_t>(g.dense_outer());
+  p.x_outer = static_cast<index_t>(g.x_outer);
   p.S = static_cast<index_t>(g.S);
-  p.CS = static_cast<index_t>(g.C * g.S);
   p.su = static_cast<index_t>(g.S / W);
   p.units = static_cast<index_t>(g.N * (g.S / W));
   p.by_su = Divider<index_t>(p.su);
@@ -65,7 +69,13 @@ PlanesGeom<index_t> planes_geom(const Geometry& g) {
 
 template <typename index_t, typename scalar_t>
 RowsGeom<index_t> rows_geom(const Geometry& g) {
-  return RowsGeom<index_t>{static_cast<index_t>(g.R), static_cast<index_t>(g.C), unit_width<scalar_t>(g)};
+  RowsGeom<index_t> r;
+  r.outer = static_cast<index_t>(g.dense_outer());
+  r.x_outer = static_cast<index_t>(g.x_outer);
+  r.R = static_cast<index_t>(g.R);
+  r.C = static_cast<index_t>(g.C);
+  r.vec = unit_width<scalar_t>(g);
+  return r;
 }
 
 inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }

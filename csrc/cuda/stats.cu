@@ -6,7 +6,7 @@ namespace fastbn {
 namespace cuda {
 namespace {
 
-// Statistics, planes layout (NCHW-contiguous).
+// Statistics, planes layout.
 // Traffic: 1E read. Launch: grid (C, splits), 1-D blocks of 32..512 threads; block (c, s) reduces units
 // s*T + t, step splits*T, of channel c. With splits > 1 each block writes a Welford partial and the last
 // block of the channel to arrive (integer counter per channel) merges the partials in split order and runs
@@ -29,7 +29,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     index_t count = 0;
     const index_t step = static_cast<index_t>(splits) * blockDim.x;
     for (index_t u = static_cast<index_t>(split) * blockDim.x + threadIdx.x; u < g.units; u += step) {
-      add_shifted<W>(load_pack<W>(x + g.template offset<W>(c, u)), sh, a1, a2);
+      add_shifted<W>(load_pack<W>(x + g.x_offset(g.template pos<W>(c, u))), sh, a1, a2);
       ++count;
     }
 #pragma unroll
@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       for (int v = 0; v < W; ++v) shift[v] = static_cast<acc_t>(first.val[v]);
       const index_t step = static_cast<index_t>(splits) * blockDim.y;
       for (index_t r = static_cast<index_t>(split) * blockDim.y + threadIdx.y; r < g.R; r += step) {
-        add_shifted<W>(load_pack<W>(x + r * g.C + c0), shift, a1, a2);
+        add_shifted<W>(load_pack<W>(x + g.x_offset(g.pos(r, c0))), shift, a1, a2);
         ++count;
       }
     }

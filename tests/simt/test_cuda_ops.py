@@ -427,25 +427,78 @@ def test_misaligned_views(emu, cpu, path, fmt, dtype):
     assert_same_results(got_b, want_b, dtype, BWD_NAMES)
 
 
-@pytest.mark.parametrize("fmt", ["transposed", "sliced"])
-def test_general_strided_inputs(emu, cpu, fmt):
-    shape = (4, 3, 5, 6)
-    x = make(shape, torch.float32, fmt)
+def randn_view(base_shape, index, memory_format=torch.contiguous_format):
+    return (torch.randn(base_shape) * 2 + 0.5).contiguous(memory_format=memory_format)[index]
+
+
+# Input views the kernels take in place, with an outer stride (between samples, planes; between rows, rows) of
+# their own: the first of each pair lines up for 16-byte packs, the second does not.
+IN_PLACE_VIEWS = {
+    "channel_slice": lambda: randn_view((4, 12, 4, 4), (slice(None), slice(2, 10))),
+    "channel_slice_odd": lambda: make((4, 3, 5, 6), torch.float32, "channel_slice"),
+    "sample_step": lambda: make((4, 8, 4, 4), torch.float32, "sample_step"),
+    "cl_channel_slice": lambda: randn_view((4, 12, 3, 3), (slice(None), slice(4, 12)), torch.channels_last),
+    "cl_channel_slice_odd": lambda: make((3, 5, 3, 5), torch.float32, "channels_last_slice"),
+    "columns": lambda: randn_view((48, 16), (slice(None), slice(4, 12))),
+    "columns_odd": lambda: randn_view((48, 9), (slice(None), slice(1, 7))),
+    "expanded": lambda: randn_view((1, 8, 4, 4), slice(None)).expand(4, 8, 4, 4),
+}
+# Views that run on a contiguous copy.
+COPIED_VIEWS = {
+    "transposed": lambda: make((4, 3, 5, 6), torch.float32, "transposed"),
+    "sliced": lambda: make((4, 3, 5, 6), torch.float32, "sliced"),
+    "cropped": lambda: make((4, 3, 5, 6), torch.float32, "cropped"),
+}
+
+
+def copies_made(fn):
+    """How many aten::copy_ calls fn() makes."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::copy_")
+
+
+@pytest.mark.parametrize("view", [*IN_PLACE_VIEWS, *COPIED_VIEWS])
+def test_strided_views(emu, cpu, path, view):
+    """Every op on a view input, with grad_output and residual dense: the in-place views make no copy, and the
+    outputs have the strides of torch.empty_like(x) either way."""
+    x = {**IN_PLACE_VIEWS, **COPIED_VIEWS}[view]()
+    C = x.shape[1]
     res, dy = support.make_like(x), support.make_like(x)
-    w, b, rm, rv = params(3, torch.float32)
-    got = run_forward_train(emu, x, w, b, res, rm, rv, torch.tensor(0), 0.1, True)
-    want = run_forward_train(cpu, x, w, b, res, rm, rv, torch.tensor(0), 0.1, True)
-    assert_close(got[0], want[0], msg="output")
+    assert view in COPIED_VIEWS or res.stride() != x.stride()
+    w, b, rm, rv = params(C, torch.float32)
+    nbt = torch.tensor(0)
+    got = run_forward_train(emu, x, w, b, res, rm, rv, nbt, 0.1, True)
+    want = run_forward_train(cpu, x, w, b, res, rm, rv, nbt, 0.1, True)
+    assert_same_results(got, want, torch.float32, FWD_NAMES)
     assert got[0].stride() == torch.empty_like(x).stride()
-    for a, e, name in zip(got[1:], want[1:], FWD_NAMES[1:]):
-        assert_close(a, e, dtype=torch.float32, msg=name) if e.is_floating_point() else torch.equal(a, e)
-    got_b = emu.backward(dy, x, w, b, want[0], want[1], want[2], True, True, [True] * 4)
-    want_b = cpu.backward(dy, x, w, b, want[0], want[1], want[2], True, True, [True] * 4)
-    for a, e, name in zip(got_b, want_b, BWD_NAMES):
-        assert_close(a, e, msg=name)
+    y, mean, invstd = want[:3]
+    for training in (True, False):
+        got_b = emu.backward(dy, x, w, b, y, mean, invstd, training, True, [True] * 4)
+        want_b = cpu.backward(dy, x, w, b, y, mean, invstd, training, True, [True] * 4)
+        assert_same_results(got_b, want_b, torch.float32, BWD_NAMES)
     assert_close(emu.forward_eval(x, w, b, res, rm, rv, 1e-5, True), cpu.forward_eval(x, w, b, res, rm, rv, 1e-5, True))
     for a, e in zip(emu.local_stats(x), cpu.local_stats(x)):
         assert_close(a, e)
+    sums = cpu.backward_reduce(dy, x, mean, invstd, w, b, y, True)
+    for a, e in zip(emu.backward_reduce(dy, x, mean, invstd, w, b, y, True), sums):
+        assert_close(a, e)
+    means = [s / (x.numel() // C) for s in sums]
+    assert_close(emu.normalize(x, mean, invstd, w, b, res, True), cpu.normalize(x, mean, invstd, w, b, res, True))
+    assert_close(emu.backward_elementwise(dy, x, mean, invstd, w, b, y, *means, True),
+                 cpu.backward_elementwise(dy, x, mean, invstd, w, b, y, *means, True))
+
+    def every_op():
+        emu.forward_train(x, w, b, res, rm, rv, nbt, 0.1, 1e-5, True)
+        emu.forward_eval(x, w, b, res, rm, rv, 1e-5, True)
+        emu.backward(dy, x, w, b, y, mean, invstd, True, True, [True] * 4)
+        emu.backward(dy, x, w, b, y, mean, invstd, False, True, [True] * 4)
+        emu.local_stats(x)
+
+    if view in IN_PLACE_VIEWS:
+        assert copies_made(every_op) == 0
+    else:
+        assert copies_made(every_op) > 0
 
 
 def test_grad_output_in_another_layout(emu, cpu, path):
