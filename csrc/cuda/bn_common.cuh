@@ -214,11 +214,6 @@ __device__ __forceinline__ void with_width(int vec, Body&& body) {
   }
 }
 
-template <int W, typename scalar_t>
-__device__ __forceinline__ Pack<scalar_t, W> load_units(const scalar_t* p) {
-  return load_pack<W>(p);
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Per-thread sums of x - K -> a Welford triple of x - K. Every thread and block of a channel uses the same
 // shift K (the channel's first value), so partials are merged in shifted coordinates, where the means are

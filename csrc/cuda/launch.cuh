@@ -77,6 +77,12 @@ __device__ __forceinline__ void grid_sync(const char* file = __builtin_FILE(), i
   simt::detail::grid_barrier(file, line);
 }
 
+// Adds to the emulator's count of bytes loaded from and stored to global memory (simt::stats()), which the tests
+// compare with the traffic the kernels' comments state.
+__device__ __forceinline__ void count_traffic(std::size_t loaded, std::size_t stored) {
+  simt::detail::count_traffic(loaded, stored);
+}
+
 }  // namespace fastbn
 
 #else  // nvcc
@@ -162,6 +168,9 @@ __device__ __forceinline__ T* dynamic_shared() {
 }
 
 __device__ __forceinline__ void grid_sync() { cooperative_groups::this_grid().sync(); }
+
+// Counted by the emulator only.
+__device__ __forceinline__ void count_traffic(std::size_t, std::size_t) {}
 
 }  // namespace fastbn
 

@@ -50,6 +50,8 @@ struct Stats {
   std::uint64_t blocks = 0;
   std::uint64_t threads = 0;
   std::uint64_t switches = 0;  // fiber switches: how much synchronisation the kernels did
+  std::uint64_t bytes_loaded = 0;  // global memory traffic the kernels counted (fastbn::count_traffic)
+  std::uint64_t bytes_stored = 0;
 };
 Stats stats();
 void reset_stats();
@@ -69,6 +71,8 @@ struct LaunchConfig {
 void run_grid(const LaunchConfig& config, void (*body)(void*), void* arg);
 
 namespace detail {
+void count_traffic(std::uint64_t loaded, std::uint64_t stored);
+
 template <typename Kernel, typename Params>
 struct KernelCall {
   Kernel kernel;

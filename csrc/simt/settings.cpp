@@ -32,7 +32,7 @@ Settings& settings() {
 }
 
 struct Counters {
-  std::atomic<std::uint64_t> launches{0}, blocks{0}, threads{0}, switches{0};
+  std::atomic<std::uint64_t> launches{0}, blocks{0}, threads{0}, switches{0}, bytes_loaded{0}, bytes_stored{0};
 };
 Counters& counters() {
   static Counters c;
@@ -112,6 +112,8 @@ Stats stats() {
   s.blocks = c.blocks.load();
   s.threads = c.threads.load();
   s.switches = c.switches.load();
+  s.bytes_loaded = c.bytes_loaded.load();
+  s.bytes_stored = c.bytes_stored.load();
   return s;
 }
 
@@ -121,6 +123,8 @@ void reset_stats() {
   c.blocks = 0;
   c.threads = 0;
   c.switches = 0;
+  c.bytes_loaded = 0;
+  c.bytes_stored = 0;
 }
 
 namespace detail {
@@ -133,6 +137,12 @@ void count_launch(std::uint64_t blocks, std::uint64_t threads) {
 }
 
 void count_switches(std::uint64_t switches) { counters().switches += switches; }
+
+void count_traffic(std::uint64_t loaded, std::uint64_t stored) {
+  Counters& c = counters();
+  if (loaded != 0) c.bytes_loaded.fetch_add(loaded, std::memory_order_relaxed);
+  if (stored != 0) c.bytes_stored.fetch_add(stored, std::memory_order_relaxed);
+}
 
 void schedule_order(const Schedule& schedule, std::uint64_t salt, std::vector<unsigned>& out, unsigned n) {
   out.resize(n);

@@ -310,6 +310,58 @@ def test_sync_pieces(emu, cpu, shape, fmt, dtype, pdtype):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Memory traffic: the bytes the kernels move through load_pack / store_pack, counted by the emulator, in units of
+# E (one activation tensor), as the kernels' comments and the design's floors state.
+
+def traffic_in_e(emu, x, fn):
+    emu.reset_stats()
+    fn()
+    loaded, stored = emu.traffic()
+    e = x.numel() * x.element_size()
+    assert loaded % e == 0 and stored % e == 0, f"traffic of {loaded} / {stored} bytes is not a multiple of E = {e}"
+    return loaded // e, stored // e
+
+
+# (case, {path: (E loaded, E stored)}): forward-train reads x once on the persistent path (2E in all), twice in two
+# passes; eval is one pass; the persistent training backward reads dy and x once (3E), two passes read them twice
+# (5E); eval's backward with dw / db writes dx in the reduction's pass; dx alone in eval needs no x.
+TRAFFIC = [
+    ("forward_train", {"persistent": (1, 1), "two_pass": (2, 1)}),
+    ("forward_train_residual", {"persistent": (2, 1), "two_pass": (3, 1)}),
+    ("forward_eval_residual", {"persistent": (2, 1), "two_pass": (2, 1)}),
+    ("local_stats", {"persistent": (1, 0), "two_pass": (1, 0)}),
+    ("backward_train", {"persistent": (2, 1), "two_pass": (4, 1)}),
+    ("backward_train_relu_residual", {"persistent": (3, 2), "two_pass": (6, 2)}),
+    ("backward_eval", {"persistent": (2, 1), "two_pass": (2, 1)}),
+    ("backward_eval_dx_only", {"persistent": (1, 1), "two_pass": (1, 1)}),
+]
+
+
+@pytest.mark.parametrize("case,expected", TRAFFIC, ids=[c for c, _ in TRAFFIC])
+@pytest.mark.parametrize("shape,fmt", [((8, 4, 4, 8), "contiguous"), ((3, 5, 3, 5), "channels_last"),
+                                       ((4, 6, 4, 4), "channel_slice"), ((48, 8), "contiguous")],
+                         ids=["nchw-vec", "cl2d-odd", "channel-slice", "2d"])
+def test_memory_traffic(emu, cpu, path, case, expected, shape, fmt):
+    x = make(shape, torch.float32, fmt)
+    C = shape[1]
+    w, b, rm, rv = params(C, torch.float32)
+    res, dy = support.make_like(x), support.make_like(x)
+    y, mean, invstd = cpu.forward_train(x, w, b, res, None, None, None, 0.1, 1e-5, True)
+    calls = {
+        "forward_train": lambda: emu.forward_train(x, w, b, None, rm, rv, None, 0.1, 1e-5, False),
+        "forward_train_residual": lambda: emu.forward_train(x, w, b, res, rm, rv, None, 0.1, 1e-5, True),
+        "forward_eval_residual": lambda: emu.forward_eval(x, w, b, res, rm, rv, 1e-5, True),
+        "local_stats": lambda: emu.local_stats(x),
+        "backward_train": lambda: emu.backward(dy, x, w, b, None, mean, invstd, True, False, [True, True, True, False]),
+        "backward_train_relu_residual": lambda: emu.backward(dy, x, w, b, y, mean, invstd, True, True, [True] * 4),
+        "backward_eval": lambda: emu.backward(dy, x, w, b, None, mean, invstd, False, False, [True, True, True, False]),
+        "backward_eval_dx_only": lambda: emu.backward(dy, x, w, b, None, mean, invstd, False, False,
+                                                      [True, False, False, False]),
+    }
+    assert traffic_in_e(emu, x, calls[case]) == expected[path]
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Launch shapes: multi-block reductions, the persistent kernels (rounds and splits), vector and scalar code.
 
 def launches(emu, fn):

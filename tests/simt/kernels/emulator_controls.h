@@ -21,6 +21,10 @@ inline void define_emulator_controls(torch::Library& m) {
     const auto s = fastbn::simt::stats();
     return std::vector<int64_t>{int64_t(s.launches), int64_t(s.blocks), int64_t(s.threads), int64_t(s.switches)};
   });
+  m.def("traffic", []() {
+    const auto s = fastbn::simt::stats();
+    return std::vector<int64_t>{int64_t(s.bytes_loaded), int64_t(s.bytes_stored)};
+  });
   m.def("reset_stats", []() { fastbn::simt::reset_stats(); });
 }
 
