@@ -358,10 +358,12 @@ def test_reduction_tilings(shape, fmt, dtype, training, use_residual, relu):
 # but for float64 on AVX2), planes longer than one piece of a run (130x130 > kChunk); and in rows of contiguous
 # channels:
 # channel slices of an (N, C) matrix (one reduction item, then two, 37 channels: a partial vector per row) and of a
-# channels_last tensor.
+# channels_last tensor; and every other value of the last dim, runs the reductions gather (Staging) in one stage,
+# and in three (2100 values > kStage).
 VIEWS = [((4, 6, 9, 7), "channel_slice"), ((3, 5, 8, 8), "sample_step"), ((2, 4, 11, 35), "cropped"),
          ((2, 3, 4, 5), "cropped"), ((2, 2, 130, 130), "channel_slice"), ((9, 5), "channel_slice"),
-         ((300, 37), "channel_slice"), ((3, 20, 5, 7), "channels_last_slice")]
+         ((300, 37), "channel_slice"), ((3, 20, 5, 7), "channels_last_slice"), ((2, 3, 5, 40), "sliced"),
+         ((1, 2, 2, 2100), "sliced")]
 
 
 # Rows whose channel count is not a multiple of the vector width: the CPU kernels take runs of several rows
