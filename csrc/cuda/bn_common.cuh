@@ -9,9 +9,9 @@
 //           elements of a plane (W = one 16-byte pack when S % W == 0, every pointer is 16-byte aligned and
 //           x_outer below is a multiple of W, else W = 1), numbered per channel.
 //   rows    channels innermost and contiguous (channels_last, 2-D (N, C)): element (r, c) at r*outer + c,
-//           outer = C. A block is blockDim.x column groups of W channels (one 16-byte pack when C % W == 0 and
-//           aligned, else 1) by blockDim.y rows; a thread keeps its channels for the whole kernel, so
-//           per-channel coefficients are loaded once.
+//           outer = C. A block is blockDim.x column groups of W channels (one 16-byte pack when C % W == 0,
+//           x_outer too, and aligned, else 1) by blockDim.y rows; a thread keeps its channels for the whole
+//           kernel, so per-channel coefficients are loaded once.
 //   The input x alone may have an outer stride of its own (x_outer): a view such as a channel slice
 //   (x.chunk(2, 1)), every other sample, columns of an (N, C) matrix, or an expanded batch (0). Every other
 //   tensor is dense in the layout.

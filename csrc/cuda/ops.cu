@@ -14,8 +14,9 @@
 //    two passes. FASTBN_CUDA_PATH=persistent|two_pass|auto overrides it (tests, benchmarks); "persistent"
 //    still takes two passes when the tensor does not fit. Eval backward is one pass: the reduction kernel writes
 //    dx when dw or db is asked, the elementwise kernel alone runs otherwise.
-//  - 16-byte vectors when every big tensor is 16-byte aligned and the plane (planes) or row (rows) length is a
-//    multiple of a pack; otherwise the same kernels run on single elements (misaligned views, odd tails).
+//  - 16-byte vectors when every big tensor is 16-byte aligned and the plane (planes) or row (rows) length and x's
+//    outer stride are multiples of a pack; otherwise the same kernels run on single elements (misaligned views,
+//    odd tails).
 //  - 32-bit indexing when the offsets fit, else 64-bit.
 //
 // No host synchronisation anywhere: scratch space comes from the caching allocator, num_batches_tracked is

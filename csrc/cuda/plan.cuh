@@ -216,9 +216,10 @@ void launch_grid_stride(const Geometry& g, const at::Tensor& input, Kernels kern
   });
 }
 
-// Persistent (cooperative) kernels, 32-bit indexing only (a tensor that fits on chip always has 32-bit
-// offsets: no 64-bit instantiation): planes_kernel(geom, C, rounds, partials, args...) on the
-// persistent_planes_shape grid, or rows_kernel(geom, partials, args...) on grid (tiles, splits), blocks
+// Persistent (cooperative) kernels, 32-bit indexing only (a tensor that fits on chip has 32-bit offsets, but for
+// an input view whose samples or rows lie 2^31 values apart, which takes two passes: no 64-bit instantiation):
+// planes_kernel(geom, C, rounds, partials, args...) on the persistent_planes_shape grid, or
+// rows_kernel(geom, partials, args...) on grid (tiles, splits), blocks
 // (tx, ty), with tx*ty Partials and tx*W Coefs of dynamic shared memory; one Partial per channel and split.
 // False (nothing launched) when the grid would not be resident at once.
 template <typename S, typename Partial, typename Coefs, int kBytes, typename PlanesKernel, typename RowsKernel,
