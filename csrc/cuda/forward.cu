@@ -157,9 +157,9 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (int v = 0; v < W; ++v) shift[v] = a1[v] = a2[v] = acc_t(0);
     index_t count = 0;
     if (active) {
-      // The shift is a sample of each channel, read one value at a time: not counted as traffic (count_traffic).
+      const auto first = peek_pack<W>(x + c0);
 #pragma unroll
-      for (int v = 0; v < W; ++v) shift[v] = static_cast<acc_t>(x[c0 + v]);
+      for (int v = 0; v < W; ++v) shift[v] = static_cast<acc_t>(first.val[v]);
       for_each_row_slot<kSlots>(g.R, [&](int s, index_t r) {
         buf[s] = load_pack<W>(x + g.x_offset(g.pos(r, c0)));
         add_shifted<W>(buf[s], shift, a1, a2);

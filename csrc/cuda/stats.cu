@@ -64,9 +64,9 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (int v = 0; v < W; ++v) shift[v] = a1[v] = a2[v] = acc_t(0);
     index_t count = 0;
     if (active) {
-      // The shift is a sample of each channel, read one value at a time: not counted as traffic (count_traffic).
+      const auto first = peek_pack<W>(x + c0);
 #pragma unroll
-      for (int v = 0; v < W; ++v) shift[v] = static_cast<acc_t>(x[c0 + v]);
+      for (int v = 0; v < W; ++v) shift[v] = static_cast<acc_t>(first.val[v]);
       const index_t step = static_cast<index_t>(splits) * blockDim.y;
       for (index_t r = static_cast<index_t>(split) * blockDim.y + threadIdx.y; r < g.R; r += step) {
         add_shifted<W>(load_pack<W>(x + g.x_offset(g.pos(r, c0))), shift, a1, a2);
