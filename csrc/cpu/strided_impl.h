@@ -109,9 +109,12 @@ class Walker {
 
   int64_t run() const { return run_; }          // values per run
   const std::array<int64_t, K>& step() const { return step_; }  // per operand: elements between a run's values
+  bool contiguous() const {  // a run's values are adjacent in every operand
+    return std::all_of(step_.begin(), step_.end(), [](int64_t s) { return s == 1; });
+  }
   int64_t chunks() const { return div_up(pieces_, chunk_pieces_); }  // work items per channel
 
-  // Runs f(c, begin, end, item) over the (channel, chunk of pieces) items in parallel; item = c·chunks() + chunk.
+  // Runs f(c, begin, end, chunk) over the (channel, chunk of pieces) items in parallel: [chunk][C] is a partial's slot.
   template <typename F>
   void for_items(int64_t C, F&& f) const {
     const int64_t chunks = this->chunks();
@@ -120,7 +123,7 @@ class Walker {
                      [&](int64_t b, int64_t e) {
                        for (int64_t item = b; item < e; ++item) {
                          const int64_t c = item / chunks, k = item % chunks;
-                         f(c, k * chunk_pieces_, std::min(pieces_, (k + 1) * chunk_pieces_), item);
+                         f(c, k * chunk_pieces_, std::min(pieces_, (k + 1) * chunk_pieces_), k);
                        }
                      });
   }
@@ -182,9 +185,7 @@ class Walker {
 // `staged`), contiguous in every operand.
 template <typename scalar_t, int K>
 bool vector_runs(const Walker<K>& w, bool staged = false) {
-  const auto& st = w.step();
-  return w.run() >= VecIO<scalar_t>::kWidth &&
-         (staged || std::all_of(st.begin(), st.end(), [](int64_t s) { return s == 1; }));
+  return w.run() >= VecIO<scalar_t>::kWidth && (staged || w.contiguous());
 }
 
 // The reductions' vector loops on runs whose values are not adjacent in some operand (every other value of the
@@ -199,11 +200,10 @@ constexpr int64_t kStage = 1024;  // 4 KiB of float per operand: the buffers sta
 template <typename scalar_t, int K>
 class Staging {
  public:
-  explicit Staging(const std::array<int64_t, K>& step) : step_(step) {
+  explicit Staging(const Walker<K>& w) : step_(w.step()), stage_(w.contiguous() ? kChunk : kStage) {
     for (int k = 0; k < K; ++k) {
       if (step_[k] != 1) buf_[k].resize(kStage);
     }
-    stage_ = std::all_of(step_.begin(), step_.end(), [](int64_t s) { return s == 1; }) ? kChunk : kStage;
   }
 
   // f(i, n) for the stages [i, i + n) of a run of len values: the whole run when every operand's values are adjacent.
@@ -270,7 +270,7 @@ void rows_stats(const StatsArgs<scalar_t>& a) {
   const scalar_t* x = a.x->template data_ptr<scalar_t>();
   const int64_t items = w.chunks();
   std::vector<double> part_mean(items * C), part_m2(items * C);
-  w.for_items(1, [&](int64_t, int64_t begin, int64_t end, int64_t item) {
+  w.for_items(1, [&](int64_t, int64_t begin, int64_t end, int64_t chunk) {
     std::vector<acc_t> k(C), s(C, acc_t(0)), s2(C, acc_t(0));
     bool first = true;
     w.walk(0, begin, end, [&](const int64_t* off, int64_t, int64_t) {
@@ -293,8 +293,8 @@ void rows_stats(const StatsArgs<scalar_t>& a) {
     });
     const double inv_n = 1.0 / double(end - begin);
     for (int64_t c = 0; c < C; ++c) {
-      shifted_moments(double(k[c]), double(s[c]), double(s2[c]), inv_n, part_mean[item * C + c],
-                      part_m2[item * C + c]);
+      shifted_moments(double(k[c]), double(s[c]), double(s2[c]), inv_n, part_mean[chunk * C + c],
+                      part_m2[chunk * C + c]);
     }
   });
   merge_partials(items, C, [&](int64_t i) { return w.chunk_values(i); }, part_mean.data(), part_m2.data(), a.mean,
@@ -311,9 +311,9 @@ void strided_stats(const StatsArgs<scalar_t>& a) {
   const bool vec = vector_runs<scalar_t>(w, true);
   const auto& st = w.step();
   std::vector<double> part_mean(chunks * C), part_m2(chunks * C);  // [chunk][C]
-  w.for_items(C, [&](int64_t c, int64_t begin, int64_t end, int64_t item) {
-    const int64_t slot = (item - c * chunks) * C + c;
-    Staging<scalar_t, 1> stage(st);
+  w.for_items(C, [&](int64_t c, int64_t begin, int64_t end, int64_t chunk) {
+    const int64_t slot = chunk * C + c;
+    Staging<scalar_t, 1> stage(w);
     // Shifted sums as in stats_tile, shifted by the item's first value so a large mean keeps its precision.
     acc_t k = 0;
     bool first = true;
@@ -417,7 +417,7 @@ void rows_backward_reduce(const ReduceArgs<scalar_t>& a, const std::array<const 
   const int64_t items = w.chunks();
   std::vector<double> part_g(items * C), part_gx(items * C);
   const Vec zero(acc_t(0));
-  w.for_items(1, [&](int64_t, int64_t begin, int64_t end, int64_t item) {
+  w.for_items(1, [&](int64_t, int64_t begin, int64_t end, int64_t chunk) {
     std::vector<acc_t> sum_g(C, acc_t(0)), sum_gx(C, acc_t(0));
     w.walk(0, begin, end, [&](const int64_t* off, int64_t, int64_t) {
       row_vectors<scalar_t>(C, [&](int64_t i, int64_t count) {
@@ -438,8 +438,8 @@ void rows_backward_reduce(const ReduceArgs<scalar_t>& a, const std::array<const 
       });
     });
     for (int64_t c = 0; c < C; ++c) {
-      part_g[item * C + c] = sum_g[c];
-      part_gx[item * C + c] = sum_gx[c];
+      part_g[chunk * C + c] = sum_g[c];
+      part_gx[chunk * C + c] = sum_gx[c];
     }
   });
   sum_slots(a, items, part_g.data(), part_gx.data(), 0, C);
@@ -458,9 +458,9 @@ void strided_backward_reduce_impl(const ReduceArgs<scalar_t>& a) {
   const bool vec = vector_runs<scalar_t>(w, true);
   const auto& st = w.step();
   std::vector<double> part_g(chunks * C), part_gx(chunks * C);  // [chunk][C]
-  w.for_items(C, [&](int64_t c, int64_t begin, int64_t end, int64_t item) {
+  w.for_items(C, [&](int64_t c, int64_t begin, int64_t end, int64_t chunk) {
     const acc_t mean = a.mean[c], scale = a.scale[c], shift = a.shift[c];
-    Staging<scalar_t, 3> stage(st);
+    Staging<scalar_t, 3> stage(w);
     double sg = 0, sgx = 0;
     w.walk(c, begin, end, [&](const int64_t* off, int64_t, int64_t len) {
       if (vec) {
@@ -483,9 +483,8 @@ void strided_backward_reduce_impl(const ReduceArgs<scalar_t>& a) {
         tgx += double(g * xmu);
       }, sg, sgx);
     });
-    const int64_t slot = (item - c * chunks) * C + c;
-    part_g[slot] = sg;
-    part_gx[slot] = sgx;
+    part_g[chunk * C + c] = sg;
+    part_gx[chunk * C + c] = sgx;
   });
   sum_slots(a, chunks, part_g.data(), part_gx.data(), 0, C);
 }

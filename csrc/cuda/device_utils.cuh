@@ -329,16 +329,16 @@ constexpr int kPackSize = 16 / sizeof(T);
 // The kernels move the big tensors (x, dy, y, residual, dx, ...) through load_pack and store_pack and nothing else
 // (but scalar or peek_pack samples of a channel's first values), so that the emulator's traffic count
 // (count_traffic) is their memory traffic, in the E units of the kernels' comments.
-template <int N, typename T>
-__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
-  count_traffic(sizeof(Pack<T, N>), 0);
-  return *reinterpret_cast<const Pack<T, N>*>(p);
-}
-
 // A load that is not the tensors' traffic: each thread's sample of its channels' first values (the shift).
 template <int N, typename T>
 __device__ __forceinline__ Pack<T, N> peek_pack(const T* p) {
   return *reinterpret_cast<const Pack<T, N>*>(p);
+}
+
+template <int N, typename T>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
+  count_traffic(sizeof(Pack<T, N>), 0);
+  return peek_pack<N>(p);
 }
 
 template <int N, typename T>
